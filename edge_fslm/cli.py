@@ -96,7 +96,8 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, offline, verbose, ma
 
     text = _read_prompt(prompt)
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed,
-                    max_tokens=max_tokens, temperature=temperature, offline=offline, verbose=verbose) as st:
+                    max_tokens=max_tokens, temperature=temperature, offline=offline, verbose=verbose,
+                    preload=False) as st:  # load inside the run, so the trace shows what loading cost
         on_end = _print_trace if trace and not as_json else None
         if as_json:
             result = st.run(text, truncate=truncate)

