@@ -18,6 +18,7 @@ import psutil
 
 from . import gguf_info, sources
 from .manifest import Manifest, load_stack
+from .memory import Plan, StageRow, footprint, parse_budget, plan_residency, process_baseline, require_fit
 from .pipeline import Pipeline, RunResult, StageTrace
 from .pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel
 from .profiling import RssSampler
@@ -65,6 +66,67 @@ def resolve_adapters(
     return out
 
 
+def make_plan(
+    manifest: Manifest,
+    models: dict[str, ResolvedModel],
+    adapters: dict[str, ResolvedAdapter],
+    *,
+    budget: int | None,
+    policy: str = "auto",
+    baseline: int | None = None,
+) -> Plan:
+    """Predict each base model's footprint from GGUF metadata and choose a residency policy.
+
+    Stages that name the same model file form one residency unit: the base is loaded once
+    and carries every adapter its stages use.
+    """
+    rt = manifest.runtime
+    by_key: dict[str, list[str]] = {}
+    for stage in manifest.stages:
+        by_key.setdefault(models[stage.model].key, []).append(stage.name)
+    units = {}
+    for key, stage_names in by_key.items():
+        model = next(m for m in models.values() if m.key == key)
+        infos = {str(adapters[n].path): adapters[n].info for n in stage_names if n in adapters}
+        units[key] = footprint(model.id, model.info, ctx_size=rt.ctx_size, batch_size=rt.batch_size,
+                               adapters=list(infos.values()))
+    rows = [StageRow(stage=s.name, model=models[s.model].key,
+                     adapter=adapters[s.name].path.name if s.name in adapters else None) for s in manifest.stages]
+    shared = len(units) == 1
+    plan = plan_residency(
+        stack=manifest.name, units=units, stages=rows, shared=shared, ctx_size=rt.ctx_size,
+        batch_size=rt.batch_size, budget=budget, baseline=process_baseline() if baseline is None else baseline,
+        policy=policy,
+    )
+    # show model ids, not file paths, to people
+    names = {m.key: m.id for m in models.values()}
+    plan.footprints = {names[k]: v for k, v in plan.footprints.items()}
+    for r in plan.stages:
+        r.model = names[r.model]
+    return plan
+
+
+def prepare_stack(
+    stack: str | Path,
+    *,
+    budget: str | int | None = None,
+    policy: str | None = None,
+    offline: bool | None = None,
+    **runtime: object,
+) -> tuple[Manifest, dict[str, ResolvedModel], dict[str, ResolvedAdapter], Plan]:
+    """Everything up to loading: manifest, overrides, resolved files, and the residency plan."""
+    manifest = load_stack(stack)
+    stage_overrides = {k: runtime.pop(k) for k in ("max_tokens", "temperature") if k in runtime}
+    manifest = manifest.with_runtime(**runtime)
+    manifest = manifest.with_stage_overrides(**stage_overrides)
+    models = resolve_models(manifest, offline=offline)
+    adapters = resolve_adapters(manifest, models, offline=offline)
+    wanted_budget = parse_budget(budget if budget is not None else manifest.runtime.budget)
+    wanted_policy = policy or manifest.runtime.policy
+    plan = make_plan(manifest, models, adapters, budget=wanted_budget, policy=wanted_policy)
+    return manifest, models, adapters, plan
+
+
 @dataclass
 class StreamingRun:
     """Iterate for the final stage's text; ``result`` holds the full trace once iteration ends."""
@@ -90,6 +152,7 @@ class Stack:
     pipeline: Pipeline
     settings: LoadSettings
     measure_rss: bool = True
+    plan: Plan | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _closed: bool = False
 
@@ -106,6 +169,8 @@ class Stack:
         seed: int | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        budget: str | int | None = None,
+        policy: str | None = None,
         offline: bool | None = None,
         verbose: bool = False,
         measure_rss: bool = True,
@@ -114,14 +179,16 @@ class Stack:
         """Load a built-in stack by name, a manifest file, or a stack folder.
 
         Every model and adapter is resolved, hash-checked and validated here, before
-        llama.cpp sees any file; with ``preload`` the models are loaded now too.
+        llama.cpp sees any file. The residency plan is made from GGUF metadata before
+        anything loads; a ``budget`` ("300MB", "40%") that no policy meets raises
+        BudgetError. With ``preload`` the resident models are loaded now too.
         """
-        manifest = load_stack(stack)
-        manifest = manifest.with_runtime(ctx_size=ctx_size, threads=threads, batch_size=batch_size,
-                                         gpu_layers=gpu_layers, mmap=mmap, seed=seed)
-        manifest = manifest.with_stage_overrides(max_tokens=max_tokens, temperature=temperature)
-        models = resolve_models(manifest, offline=offline)
-        adapters = resolve_adapters(manifest, models, offline=offline)
+        manifest, models, adapters, plan = prepare_stack(
+            stack, budget=budget, policy=policy, offline=offline, ctx_size=ctx_size, threads=threads,
+            batch_size=batch_size, gpu_layers=gpu_layers, mmap=mmap, seed=seed, max_tokens=max_tokens,
+            temperature=temperature,
+        )
+        require_fit(plan)
         rt = manifest.runtime
         settings = LoadSettings(
             ctx_size=rt.ctx_size,
@@ -132,12 +199,12 @@ class Stack:
             seed=rt.seed,
             verbose=verbose,
         )
-        pool = ModelPool(settings)
-        pipeline = Pipeline(manifest=manifest, models=models, adapters=adapters, pool=pool, policy="all")
-        self = cls(manifest=manifest, pipeline=pipeline, settings=settings, measure_rss=measure_rss)
+        pool = ModelPool(settings, max_resident=plan.max_resident)
+        pipeline = Pipeline(manifest=manifest, models=models, adapters=adapters, pool=pool, policy=plan.policy)
+        self = cls(manifest=manifest, pipeline=pipeline, settings=settings, measure_rss=measure_rss, plan=plan)
         if preload:
             try:
-                for m in models.values():
+                for m in list(models.values())[: plan.max_resident or len(models)]:
                     pool.get(m)
             except BaseException:
                 pool.close()
@@ -164,6 +231,9 @@ class Stack:
             finally:
                 peak = sampler.stop() if sampler else 0
             result.peak_rss_bytes = peak
+            if self.plan is not None:
+                result.predicted_peak_rss_bytes = self.plan.predicted_peak
+                result.extra["budget_bytes"] = self.plan.budget
             if holder is not None:
                 holder.result = result
             return result

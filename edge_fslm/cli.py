@@ -73,6 +73,9 @@ def _runtime_options(f):
         click.option("--gpu-layers", "-ngl", "gpu_layers", type=int,
                      help="Layers to offload to Metal/CUDA builds of llama.cpp (default 0: CPU)."),
         click.option("--seed", type=int, help="Sampling seed (only matters with --temperature > 0)."),
+        click.option("--budget", "-b", help="Peak-RSS budget for the whole process: 300MB, 1.5GiB, or 40% of available RAM."),
+        click.option("--policy", type=click.Choice(["auto", "all", "lru", "sequential", "shared-base"]),
+                     help="Residency policy (default: the planner chooses)."),
         click.option("--offline/--online", default=None, help="Never touch the network for hf:// models (HF_HUB_OFFLINE)."),
         click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
     ]
@@ -89,15 +92,15 @@ def _runtime_options(f):
 @click.option("--trace", is_flag=True, help="Also print every stage's output, tokens and milliseconds (on stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the answer and the trace.")
 @click.option("--truncate", is_flag=True, help="Cut a too-long prompt to fit the context instead of failing.")
-def run(prompt, stack, ctx_size, threads, gpu_layers, seed, offline, verbose, max_tokens, temperature, trace,
-        as_json, truncate):
+def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, verbose, max_tokens, temperature,
+        trace, as_json, truncate):
     """Run PROMPT through a stack and print the answer ('-' reads stdin)."""
     from .api import Stack
 
     text = _read_prompt(prompt)
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed,
-                    max_tokens=max_tokens, temperature=temperature, offline=offline, verbose=verbose,
-                    preload=False) as st:  # load inside the run, so the trace shows what loading cost
+                    max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
+                    verbose=verbose, preload=False) as st:  # load inside the run, so the trace shows what loading cost
         on_end = _print_trace if trace and not as_json else None
         if as_json:
             result = st.run(text, truncate=truncate)
@@ -114,8 +117,36 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, offline, verbose, ma
                 click.echo(f"warning: stage '{s.name}': prompt truncated by {s.truncated_input_tokens} tokens to fit",
                            err=True)
         if trace:
-            click.echo(f"total {result.total_seconds:.2f} s · peak RSS {_mb(result.peak_rss_bytes)}"
-                       f" · {result.loads} loads, {result.adapter_swaps} adapter swaps", err=True)
+            predicted = f" (predicted {_mb(result.predicted_peak_rss_bytes)})" if result.predicted_peak_rss_bytes else ""
+            click.echo(f"total {result.total_seconds:.2f} s · peak RSS {_mb(result.peak_rss_bytes)}{predicted}"
+                       f" · policy {result.policy} · {result.loads} loads, {result.evictions} evictions,"
+                       f" {result.adapter_swaps} adapter swaps", err=True)
+
+
+@main.command()
+@click.option("--stack", "-s", "stack", default="fslm-smollm2", show_default=True,
+              help="Built-in stack name, manifest file, or stack folder.")
+@click.option("--budget", "-b", help="Peak-RSS budget: 300MB, 1.5GiB, or 40% of available RAM.")
+@click.option("--ctx-size", "-c", type=int, help="Context size in tokens.")
+@click.option("--batch-size", type=int, help="Batch size in tokens (compute memory grows with it).")
+@click.option("--policy", type=click.Choice(["auto", "all", "lru", "sequential", "shared-base"]))
+@click.option("--offline/--online", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plan(stack, budget, ctx_size, batch_size, policy, offline, as_json):
+    """Predict a stack's memory and choose a residency policy, before loading anything.
+
+    Exits 2 when no policy fits the budget.
+    """
+    from .api import prepare_stack
+    from .memory import require_fit
+
+    _, _, _, p = prepare_stack(stack, budget=budget, policy=policy, offline=offline, ctx_size=ctx_size,
+                               batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), indent=2))
+    else:
+        click.echo(p.format_text())
+    require_fit(p)
 
 
 @main.command()

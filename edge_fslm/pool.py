@@ -68,6 +68,10 @@ class LoadSettings:
     mmap: bool = True
     seed: int = 0
     verbose: bool = False
+    # Flash attention never materialises the full KQ matrix, so a long prompt touches
+    # almost no compute memory beyond a short one: the budget's worst case stays close to
+    # the typical case (measured: +6 MiB vs +35 MiB without it, full 2048-token eval).
+    flash_attn: bool = True
 
 
 @dataclass
@@ -88,10 +92,29 @@ class PoolCounters:
         return PoolCounters(**{k: getattr(self, k) - getattr(before, k) for k in self.__dict__})
 
 
+_LOG = {"verbose": False, "callback": None}
+
+
 def _llama_cpp():
     import llama_cpp  # deferred: importing it costs ~0.1 s and `inspect`/`plan` never need it
 
+    if _LOG["callback"] is None:
+        # llama-cpp-python's own callback lets some warnings through even with verbose=False;
+        # ours prints llama.cpp's log only under -v, so a normal run's stderr stays clean.
+        @llama_cpp.llama_log_callback
+        def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if _LOG["verbose"]:
+                sys.stderr.write(text.decode("utf-8", errors="replace"))
+                sys.stderr.flush()
+
+        _LOG["callback"] = _log  # keep a reference: llama.cpp holds a raw pointer to it
+        llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
     return llama_cpp
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show (or hide) llama.cpp's own log for this process."""
+    _LOG["verbose"] = verbose
 
 
 def malloc_trim() -> None:
@@ -203,15 +226,19 @@ class ModelPool:
         return lm
 
     def _load(self, model: ResolvedModel) -> LoadedModel:
+        _llama_cpp()
         from llama_cpp import Llama
 
         s = self.settings
+        set_verbose(s.verbose)
         t0 = time.perf_counter()
         try:
             llm = Llama(
                 model_path=str(model.path),
                 n_ctx=s.ctx_size,
                 n_batch=min(s.batch_size, s.ctx_size),
+                n_ubatch=min(s.batch_size, s.ctx_size),
+                flash_attn=s.flash_attn,
                 n_threads=s.threads,
                 n_threads_batch=s.threads,
                 n_gpu_layers=s.gpu_layers,

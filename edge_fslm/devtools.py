@@ -1,0 +1,58 @@
+"""Synthetic LoRA adapters, for tests and benchmarks of the adapter machinery.
+
+They are real llama.cpp LoRA GGUFs (the layout llama.cpp's own tooling writes) with
+random weights: they change the logits measurably but teach the model nothing. Trained
+adapters come from ``edge-fslm finetune``/``convert-lora``; these exist so that loading,
+swapping and memory can be measured on any base, today.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .gguf_info import GGUFInfo, read_gguf
+
+
+def write_random_lora(
+    base: str | os.PathLike | GGUFInfo,
+    out_path: str | os.PathLike,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: tuple[str, ...] = ("attn_q", "attn_v"),
+    seed: int = 0,
+    std: float = 0.02,
+) -> Path:
+    """Write a rank-``rank`` LoRA adapter for every ``blk.N.<target>.weight`` of ``base``."""
+    import gguf
+
+    info = base if isinstance(base, GGUFInfo) else read_gguf(base)
+    rng = np.random.default_rng(seed)
+    out = Path(out_path)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch=info.architecture)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    n = 0
+    for name, t in sorted(info.tensors.items()):
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in targets or len(t.shape) != 2:
+            continue
+        n_in, n_out = t.shape  # as gguf-py reports it: (ne0, ne1)
+        a = rng.normal(0.0, std, size=(rank, n_in)).astype(np.float16)  # reported shape (n_in, r)
+        b = rng.normal(0.0, std, size=(n_out, rank)).astype(np.float16)  # reported shape (r, n_out)
+        writer.add_tensor(f"{name}.lora_a", a)
+        writer.add_tensor(f"{name}.lora_b", b)
+        n += 1
+    if n == 0:
+        raise ValueError(f"{info.path}: no 2-D tensors named blk.N.({'|'.join(targets)}).weight to adapt")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out)
+    return out

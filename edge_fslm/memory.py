@@ -1,0 +1,272 @@
+"""Memory footprints, budgets and residency plans, decided before anything is loaded.
+
+What a budget bounds: the **peak resident set size (RSS) of the whole process**, as the
+kernel counts it. That includes the Python interpreter and its imports, and
+file-backed pages of mmap'd weights once they are touched (a forward pass touches them
+all). It does not include the page cache, which the kernel can drop.
+
+A loaded model costs, from GGUF metadata alone:
+
+* weights: the sum of its tensor bytes (with or without mmap: every page is touched);
+* KV cache: ``n_ctx × n_layer × (n_embd_k_gqa + n_embd_v_gqa) × 2`` bytes (f16 cache),
+  all touched when llama.cpp clears it at load;
+* compute: llama.cpp *reserves* a worst-case graph buffer (logits for a whole batch:
+  ``n_ubatch × n_vocab × 4``, 98 MiB for SmolLM2), but with flash attention and one
+  output row per step only a small, near-constant part is ever touched. We model the
+  touched part as a per-model constant plus a term in ``n_ubatch × (n_embd + n_ff)``,
+  calibrated against psutil/VmHWM measurements (see benchmarks/memory.py);
+* each LoRA adapter: its tensor bytes.
+
+The baseline is the process's own RSS before loading (interpreter, numpy, llama_cpp).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+from .errors import BudgetError
+from .gguf_info import GGUFInfo
+
+MiB = 1 << 20
+# Calibrated on x86-64 Linux, llama.cpp via llama-cpp-python 0.3.36, flash attention on,
+# from VmHWM peaks of single-stage runs (residual = peak - baseline - weights - KV):
+#   SmolLM2-135M (vocab 49k):  24.8 MiB with a 16-token prompt, 38.6 MiB at 506 tokens (saturates at n_ubatch)
+#   Gemma-3-270M (vocab 262k): 68.7 MiB with a 17-token prompt, 87.0 MiB at 507 tokens
+# The fixed part grows with the vocabulary (llama.cpp's token tables, the sampler's arrays);
+# the compute part with the tokens of one micro-batch. We predict the worst case (a full
+# micro-batch), so the budget holds for any prompt. benchmarks/memory.py re-checks this.
+MODEL_OVERHEAD = int(14.7 * MiB)
+OVERHEAD_PER_VOCAB = 216  # bytes per vocabulary entry
+COMPUTE_PER_UBATCH_DIM = 14  # bytes per n_ubatch × (n_embd + n_ff), touched by a full micro-batch
+LLAMA_CPP_IMPORT = 9 * MiB  # what `import llama_cpp` adds to a process that has not done it
+POLICIES = ("all", "lru", "sequential", "shared-base")
+
+
+def parse_budget(text: str | int | None, *, available: int | None = None) -> int | None:
+    """'300MB', '1.5GiB', '512M', '40%' (of RAM available now), or bytes. None means no budget."""
+    if text is None:
+        return None
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise BudgetError(f"budget {text}: must be positive")
+        return text
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", s)
+    if m:
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise BudgetError(f"budget {s}: a percentage must be between 0 and 100")
+        avail = available if available is not None else psutil.virtual_memory().available
+        return int(avail * pct / 100)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?", s, flags=re.IGNORECASE)
+    if not m:
+        raise BudgetError(f"budget {s!r}: expected a size like 300MB, 1.5GiB or 40% (of available RAM)")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    base = 1024 if binary else 1000
+    value = int(num * base ** "_KMGT".index(unit or "_")) if unit else int(num)
+    if value <= 0:
+        raise BudgetError(f"budget {s}: must be positive")
+    return value
+
+
+def fmt_bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.0f} MB"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The predicted resident cost of one loaded base model (plus its adapters)."""
+
+    model: str
+    weights: int
+    kv_cache: int
+    compute: int
+    adapters: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.adapters + self.overhead
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def kv_cache_bytes(info: GGUFInfo, ctx_size: int, bytes_per_element: int = 2) -> int:
+    n_layer = info.n_layer or 0
+    k = info.n_embd_k_gqa or info.n_embd or 0
+    v = info.n_embd_v_gqa or info.n_embd or 0
+    return ctx_size * n_layer * (k + v) * bytes_per_element
+
+
+def compute_bytes(info: GGUFInfo, batch_size: int, ctx_size: int) -> int:
+    ubatch = min(batch_size, ctx_size)
+    return ubatch * ((info.n_embd or 0) + (info.n_ff or 0)) * COMPUTE_PER_UBATCH_DIM
+
+
+def footprint(model_id: str, info: GGUFInfo, *, ctx_size: int, batch_size: int,
+              adapters: list[GGUFInfo] | None = None) -> Footprint:
+    return Footprint(
+        model=model_id,
+        weights=info.tensor_bytes,
+        kv_cache=kv_cache_bytes(info, ctx_size),
+        compute=compute_bytes(info, batch_size, ctx_size),
+        adapters=sum(a.tensor_bytes for a in adapters or []),
+        overhead=MODEL_OVERHEAD + OVERHEAD_PER_VOCAB * (info.n_vocab or 0),
+    )
+
+
+def process_baseline() -> int:
+    """This process's RSS now, plus what importing llama_cpp will add if it has not happened yet."""
+    rss = psutil.Process().memory_info().rss
+    return rss if "llama_cpp" in sys.modules else rss + LLAMA_CPP_IMPORT
+
+
+@dataclass
+class StageRow:
+    stage: str
+    model: str
+    adapter: str | None
+
+
+@dataclass
+class Plan:
+    """A residency plan: which policy, how many models stay loaded, and the predicted peak."""
+
+    stack: str
+    policy: str
+    max_resident: int | None  # None = every model stays loaded
+    ctx_size: int
+    batch_size: int
+    baseline: int
+    footprints: dict[str, Footprint]
+    stages: list[StageRow]
+    budget: int | None
+    predicted_peak: int
+    fits: bool
+    minimum: tuple[str, int]  # the cheapest policy and its predicted peak
+    alternatives: dict[str, int] = field(default_factory=dict)  # policy -> predicted peak
+
+    def to_dict(self) -> dict:
+        return {
+            "stack": self.stack,
+            "policy": self.policy,
+            "max_resident": self.max_resident,
+            "ctx_size": self.ctx_size,
+            "batch_size": self.batch_size,
+            "baseline_bytes": self.baseline,
+            "models": {k: v.to_dict() for k, v in self.footprints.items()},
+            "stages": [asdict(s) for s in self.stages],
+            "budget_bytes": self.budget,
+            "predicted_peak_bytes": self.predicted_peak,
+            "fits": self.fits,
+            "minimum": {"policy": self.minimum[0], "predicted_peak_bytes": self.minimum[1]},
+            "alternatives": self.alternatives,
+        }
+
+    def format_text(self) -> str:
+        lines = [f"stack {self.stack} · ctx {self.ctx_size} · batch {self.batch_size}", ""]
+        lines.append(f"  {'stage':<14}{'model':<14}{'adapter'}")
+        for s in self.stages:
+            lines.append(f"  {s.stage:<14}{s.model:<14}{s.adapter or '-'}")
+        lines.append("")
+        lines.append(f"  {'model':<14}{'weights':>10}{'KV cache':>10}{'compute':>10}{'runtime':>10}{'adapters':>10}{'total':>10}")
+        for name, f in self.footprints.items():
+            lines.append(
+                f"  {name:<14}{fmt_bytes(f.weights):>10}{fmt_bytes(f.kv_cache):>10}{fmt_bytes(f.compute):>10}"
+                f"{fmt_bytes(f.overhead):>10}{fmt_bytes(f.adapters):>10}{fmt_bytes(f.total):>10}"
+            )
+        lines.append(f"  {'process baseline (interpreter, imports)':<58}{fmt_bytes(self.baseline):>16}")
+        lines.append("")
+        for name, peak in self.alternatives.items():
+            shown = name.replace(":", " keeps ")
+            mark = "→" if (name == self.policy or name == f"lru:{self.max_resident}" and self.policy == "lru") else " "
+            lines.append(f"{mark} {shown:<22} predicted peak RSS {fmt_bytes(peak)}")
+        budget = "none" if self.budget is None else fmt_bytes(self.budget)
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"policy {self.policy}: predicted peak RSS {fmt_bytes(self.predicted_peak)}; budget {budget} — {verdict}")
+        return "\n".join(lines)
+
+
+def plan_residency(
+    *,
+    stack: str,
+    units: dict[str, Footprint],
+    stages: list[StageRow],
+    shared: bool,
+    ctx_size: int,
+    batch_size: int,
+    budget: int | None,
+    baseline: int,
+    policy: str = "auto",
+) -> Plan:
+    """Choose how many base models stay resident so the predicted peak fits ``budget``.
+
+    ``units`` has one footprint per distinct base model (with its adapters). With one unit
+    the only sensible plan is ``shared-base``: one model, adapters swapped per stage. With
+    several, ``all`` beats ``lru`` (as many as fit) beats ``sequential`` (one at a time).
+    """
+    sizes = sorted((f.total for f in units.values()), reverse=True)
+    n = len(sizes)
+    peaks: dict[str, int] = {}
+    if shared and n == 1:
+        peaks["shared-base"] = baseline + sizes[0]
+    else:
+        peaks["all"] = baseline + sum(sizes)
+        for k in range(n - 1, 1, -1):
+            peaks[f"lru:{k}"] = baseline + sum(sizes[:k])
+        peaks["sequential"] = baseline + sizes[0]
+    cheapest = min(peaks.items(), key=lambda kv: kv[1])
+
+    def resident_of(name: str) -> int | None:
+        if name in ("all", "shared-base"):
+            return None
+        if name == "sequential":
+            return 1
+        return int(name.split(":")[1])
+
+    if policy != "auto":
+        wanted = {"shared-base": "shared-base" if "shared-base" in peaks else "all"}.get(policy, policy)
+        if wanted == "lru":
+            options = [k for k in peaks if k.startswith("lru:")] or ["sequential"]
+            fitting = [k for k in options if budget is None or peaks[k] <= budget]
+            wanted = fitting[0] if fitting else options[-1]
+        if wanted not in peaks:
+            wanted = "shared-base" if "shared-base" in peaks else "sequential"
+        chosen = wanted
+    else:
+        order = list(peaks)  # best first: all/shared-base, lru:n-1 … lru:2, sequential
+        chosen = next((k for k in order if budget is None or peaks[k] <= budget), cheapest[0])
+    peak = peaks[chosen]
+    fits = budget is None or peak <= budget
+    name = "lru" if chosen.startswith("lru:") else chosen
+    return Plan(
+        stack=stack,
+        policy=name,
+        max_resident=resident_of(chosen),
+        ctx_size=ctx_size,
+        batch_size=batch_size,
+        baseline=baseline,
+        footprints=units,
+        stages=stages,
+        budget=budget,
+        predicted_peak=peak,
+        fits=fits,
+        minimum=("lru" if cheapest[0].startswith("lru:") else cheapest[0], cheapest[1]),
+        alternatives=peaks,
+    )
+
+
+def require_fit(plan: Plan) -> None:
+    """Raise the one-line error users see when no policy fits the budget."""
+    if plan.fits:
+        return
+    pol, need = plan.minimum
+    raise BudgetError(
+        f"stack {plan.stack} needs at least {fmt_bytes(need)} (policy: {pol}, ctx {plan.ctx_size});"
+        f" budget is {fmt_bytes(plan.budget)} — lower --ctx-size or use a smaller quant profile"
+    )
