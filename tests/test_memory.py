@@ -1,0 +1,245 @@
+"""Budgets, residency plans and the shared base with hot-swapped adapters, on real models."""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from edge_fslm import Stack
+from edge_fslm.api import prepare_stack
+from edge_fslm.cli import main
+from edge_fslm.devtools import write_random_lora
+from edge_fslm.errors import BudgetError, GGUFError
+from edge_fslm.gguf_info import read_gguf
+from edge_fslm.memory import parse_budget
+from edge_fslm.profiling import current_rss
+
+from .conftest import write_manifest
+
+MB = 1_000_000
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("300MB", 300 * MB), ("300M", 300 * MB), ("1.5GB", 1_500_000_000), ("512MiB", 512 << 20),
+     ("2GiB", 2 << 30), ("1000", 1000), (4096, 4096), ("50%", 500), (None, None)],
+)
+def test_parse_budget(text, expected):
+    assert parse_budget(text, available=1000) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "-5MB", "0", "150%", "0%", "12XB", ""])
+def test_parse_budget_rejects(bad):
+    with pytest.raises(BudgetError):
+        parse_budget(bad, available=1000)
+
+
+def test_default_stack_plans_shared_base():
+    _, _, _, plan = prepare_stack("fslm-smollm2")
+    assert plan.policy == "shared-base" and plan.fits
+    (fp,) = plan.footprints.values()
+    info = read_gguf(next(iter(prepare_stack("fslm-smollm2")[1].values())).path)
+    assert fp.weights == info.tensor_bytes
+    assert fp.kv_cache == 2048 * 30 * (192 + 192) * 2  # ctx × layers × (k + v, GQA) × f16
+    _, _, _, small = prepare_stack("fslm-smollm2", ctx_size=512)
+    assert small.predicted_peak < plan.predicted_peak
+
+
+def test_impossible_budget_fails_before_loading():
+    before = current_rss()
+    with pytest.raises(BudgetError) as info:
+        Stack.load("fslm-smollm2", budget="128MB")
+    msg = str(info.value)
+    assert msg.startswith("stack fslm-smollm2 needs at least ")
+    assert "(policy: shared-base, ctx 2048); budget is 128 MB — lower --ctx-size" in msg
+    assert current_rss() - before < 20 * MB  # nothing was loaded
+
+
+def test_plan_cli():
+    r = CliRunner().invoke(main, ["plan", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["policy"] == "shared-base" and d["fits"] and d["predicted_peak_bytes"] > 150 * MB
+    r = CliRunner().invoke(main, ["plan", "--budget", "100MB"])
+    assert r.exit_code == 2 and "error: stack fslm-smollm2 needs at least" in r.output
+
+
+def test_run_respects_tightest_budget():
+    """At the smallest budget the planner accepts, the measured peak stays under it."""
+    _, _, _, plan = prepare_stack("fslm-smollm2", ctx_size=512)
+    budget = plan.predicted_peak
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_fslm.cli", "run", "Why is the sky blue?", "--json", "--ctx-size", "512",
+         "--budget", str(budget)],
+        capture_output=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    d = json.loads(proc.stdout)
+    assert d["peak_rss_bytes"] <= budget
+    assert d["predicted_peak_rss_bytes"] >= d["peak_rss_bytes"]
+    assert d["predicted_peak_rss_bytes"] <= d["peak_rss_bytes"] * 1.10  # within 10%
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, smollm2_path):
+    folder = tmp_path_factory.mktemp("adapters")
+    base = read_gguf(smollm2_path)
+    return {name: write_random_lora(base, folder / f"{name}.lora.gguf", seed=i, std=0.05)
+            for i, name in enumerate(["understand", "keywords", "context", "answer"])}
+
+
+def adapted_manifest(folder, smollm2_path, adapters) -> str:
+    stages = "".join(f"""
+[[stages]]
+name = "{name}"
+adapter = "{path}"
+max_tokens = 8
+template = "<|im_start|>user\\n{{input}}<|im_end|>\\n<|im_start|>assistant\\n"
+""" for name, path in adapters.items())
+    text = f'[stack]\nname = "adapted"\n[models.base]\nsource = "{smollm2_path}"\n' + stages
+    return str(write_manifest(folder, text, name="adapted.toml"))
+
+
+def test_shared_base_swaps_adapters(tmp_path, smollm2_path, adapters):
+    m = adapted_manifest(tmp_path, smollm2_path, adapters)
+    with Stack.load(m, preload=False) as stack:
+        assert stack.plan.policy == "shared-base"
+        (fp,) = stack.plan.footprints.values()
+        assert fp.adapters == sum(read_gguf(p).tensor_bytes for p in adapters.values())
+        r1 = stack.run("Why is the sky blue?")
+        assert r1.loads == 1 and r1.adapter_swaps == 4
+        assert [s.adapter for s in r1.stages] == [p.name for p in adapters.values()]
+        r2 = stack.run("Why is the sky blue?")
+        assert r2.loads == 0
+        assert [s.output for s in r1.stages] == [s.output for s in r2.stages]  # swaps are reproducible
+    # The four stages share one prompt, so only the adapters can make their outputs differ.
+    assert len({s.output for s in r1.stages}) > 1
+    bare = m.replace("adapted.toml", "bare.toml")
+    with open(m) as f, open(bare, "w") as g:
+        g.write("\n".join(line for line in f.read().splitlines() if not line.startswith("adapter")))
+    with Stack.load(bare) as stack:
+        plain = stack.run("Why is the sky blue?")
+    assert len({s.output for s in plain.stages}) == 1
+    assert any(s.output != plain.stages[0].output for s in r1.stages)
+
+
+def test_adapter_swap_changes_logits_and_swapping_back_restores_them(tmp_path, smollm2_path, adapters):
+    """The swap itself, at the level of logits: each adapter changes them; the bare base returns exactly."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    m = adapted_manifest(tmp_path, smollm2_path, adapters)
+    with Stack.load(m) as stack:
+        pool = stack.pipeline.pool
+        lm = pool.get(next(iter(stack.pipeline.models.values())))
+        tokens = lm.llm.tokenize(b"The capital of France is", add_bos=False)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(lm.vocab)
+
+        def logits() -> np.ndarray:
+            lm.clear_kv()
+            lm.llm.eval(tokens)
+            ptr = llama_cpp.llama_get_logits_ith(lm.llm._ctx.ctx, -1)
+            return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).copy()
+
+        lm.activate(None, pool.counters)
+        base = logits()
+        seen = []
+        for name in adapters:
+            lm.activate(stack.pipeline.adapters[name], pool.counters)
+            got = logits()
+            assert np.abs(got - base).max() > 1e-3, f"adapter {name} did not change the logits"
+            seen.append(got)
+        assert np.abs(seen[0] - seen[1]).max() > 1e-3  # different adapters, different logits
+        lm.activate(stack.pipeline.adapters["understand"], pool.counters)
+        assert np.array_equal(logits(), seen[0])  # reproducible after other adapters ran
+        lm.activate(None, pool.counters)
+        assert np.array_equal(logits(), base)  # the bare base is untouched
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, smollm2_path, gemma_path):
+    wrong = write_random_lora(gemma_path, tmp_path / "gemma.lora.gguf")
+    m = write_manifest(tmp_path, f"""
+[stack]
+name = "wrong"
+[models.base]
+source = "{smollm2_path}"
+[[stages]]
+name = "a"
+adapter = "{wrong}"
+template = "{{input}}"
+""")
+    with pytest.raises(GGUFError, match="gemma.lora.gguf"):
+        Stack.load(m)
+
+
+@pytest.fixture(scope="module")
+def mixed_manifest(tmp_path_factory, smollm2_path, gemma_path) -> str:
+    folder = tmp_path_factory.mktemp("mixed")
+    return str(write_manifest(folder, f"""
+[stack]
+name = "mixed"
+[models.smol]
+source = "{smollm2_path}"
+[models.gemma]
+source = "{gemma_path}"
+[[stages]]
+name = "keywords"
+model = "smol"
+max_tokens = 12
+stop = ["\\n"]
+messages = [{{ role = "user", content = "List the key concepts of this request, comma-separated: {{input}}" }}]
+[[stages]]
+name = "answer"
+model = "gemma"
+max_tokens = 16
+stop = ["\\n\\n"]
+template = "Key concepts: {{keywords}}\\nQuestion: {{input}}\\nAnswer:"
+""", name="mixed.toml"))
+
+
+def test_policies_on_two_models(mixed_manifest):
+    _, _, _, everything = prepare_stack(mixed_manifest)
+    assert everything.policy == "all"
+    assert set(everything.alternatives) == {"all", "sequential"}
+    tight = everything.alternatives["sequential"]
+    _, _, _, squeezed = prepare_stack(mixed_manifest, budget=tight)
+    assert squeezed.policy == "sequential" and squeezed.max_resident == 1
+    with pytest.raises(BudgetError, match="policy: sequential"):
+        prepare_stack(mixed_manifest, budget=tight - 20 * MB)[3].fits or Stack.load(mixed_manifest, budget=tight - 20 * MB)
+
+    outputs = {}
+    for policy in ("all", "sequential"):
+        with Stack.load(mixed_manifest, policy=policy, preload=False) as stack:
+            first = stack.run("Why is the sky blue?")
+            second = stack.run("Why is the sky blue?")
+        outputs[policy] = [s.output for s in second.stages]
+        if policy == "all":
+            assert (first.loads, first.evictions, second.loads) == (2, 0, 0)
+        else:
+            assert (first.loads, first.evictions) == (2, 1) and (second.loads, second.evictions) == (2, 2)
+        for r in (first, second):
+            assert r.peak_rss_bytes <= r.predicted_peak_rss_bytes <= r.peak_rss_bytes * 1.10
+    assert outputs["all"] == outputs["sequential"]  # residency never changes what a stack says
+
+
+def test_load_evict_cycles_do_not_leak(mixed_manifest):
+    with Stack.load(mixed_manifest, policy="sequential", preload=False, measure_rss=False) as stack:
+        pool, models = stack.pipeline.pool, list(stack.pipeline.models.values())
+        for m in models * 2:  # warm up the allocator
+            pool.get(m)
+        gc.collect()
+        before = current_rss()
+        for _ in range(10):
+            for m in models:
+                pool.get(m)
+        gc.collect()
+        grown = current_rss() - before
+    assert pool.counters.evictions >= 20
+    assert grown < 5 * MB, f"RSS grew {grown / MB:.1f} MB over 20 load/evict cycles"
