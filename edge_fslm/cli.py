@@ -92,11 +92,28 @@ def _runtime_options(f):
 @click.option("--trace", is_flag=True, help="Also print every stage's output, tokens and milliseconds (on stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the answer and the trace.")
 @click.option("--truncate", is_flag=True, help="Cut a too-long prompt to fit the context instead of failing.")
+@click.option("--input", "-i", "input_path", type=click.Path(dir_okay=False),
+              help="Batch mode: a JSONL file of {\"id\", \"prompt\"} lines, run stage-major.")
+@click.option("--output", "-o", "output_path", type=click.Path(dir_okay=False),
+              help="Batch mode: results JSONL, appended as prompts finish; re-run to resume.")
 def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, verbose, max_tokens, temperature,
-        trace, as_json, truncate):
-    """Run PROMPT through a stack and print the answer ('-' reads stdin)."""
+        trace, as_json, truncate, input_path, output_path):
+    """Run PROMPT through a stack and print the answer ('-' reads stdin).
+
+    With --input and --output, run a whole file of prompts stage-major (stage 1 for every
+    prompt, then stage 2, ...). A killed batch resumes when re-run with the same command.
+    """
     from .api import Stack
 
+    if input_path or output_path:
+        if not (input_path and output_path):
+            raise click.UsageError("batch mode needs both --input and --output")
+        if prompt is not None:
+            raise click.UsageError("give either a PROMPT or --input, not both")
+        _run_batch(stack, input_path, output_path, truncate, verbose,
+                   dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
+                        temperature=temperature, budget=budget, policy=policy, offline=offline))
+        return
     text = _read_prompt(prompt)
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed,
                     max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
@@ -121,6 +138,41 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offl
             click.echo(f"total {result.total_seconds:.2f} s · peak RSS {_mb(result.peak_rss_bytes)}{predicted}"
                        f" · policy {result.policy} · {result.loads} loads, {result.evictions} evictions,"
                        f" {result.adapter_swaps} adapter swaps", err=True)
+
+
+def _run_batch(stack, input_path, output_path, truncate, verbose, options) -> None:
+    from .api import Stack
+    from .batch import read_inputs, run_batch
+
+    read_inputs(input_path)  # fail on a bad input file before loading anything
+    with Stack.load(stack, verbose=verbose, preload=False, **options) as st:
+        bar = None
+        show = sys.stderr.isatty()
+
+        def hint(todo: int, resumed: int) -> None:
+            nonlocal bar
+            if resumed:
+                click.echo(f"resuming: {resumed} stage steps already checkpointed", err=True)
+            if show and todo:
+                bar = click.progressbar(length=todo, label="stage-major", file=sys.stderr, show_eta=True,
+                                        item_show_func=lambda s: s)
+                bar.__enter__()
+
+        def step(item, trace) -> None:
+            if bar is not None:
+                bar.update(1, f"{trace.name} · {item.id}")
+
+        try:
+            report = run_batch(st, input_path, output_path, truncate=truncate, on_step=step, steps_hint=hint)
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+    click.echo(
+        f"{report.completed} prompts completed ({report.already_done} already done) in {report.seconds:.1f} s"
+        f" · {report.loads} loads ({report.load_seconds:.2f} s), {report.adapter_swaps} adapter swaps"
+        f" → {report.output}",
+        err=True,
+    )
 
 
 @main.command()

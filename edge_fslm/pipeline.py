@@ -14,7 +14,7 @@ from typing import Callable, Generator
 
 from .errors import PromptError
 from .manifest import Manifest, StageSpec
-from .pool import ModelPool, ResolvedAdapter, ResolvedModel
+from .pool import ModelPool, PoolCounters, ResolvedAdapter, ResolvedModel
 from .stage import Generation, generate, prepare
 
 
@@ -110,6 +110,38 @@ class Pipeline:
     pool: ModelPool
     policy: str = "all"
 
+    def run_stage(
+        self, i: int, values: dict[str, str], *, truncate: bool = False
+    ) -> Generator[str, None, StageTrace]:
+        """Run stage ``i`` on ``values`` (``input`` plus earlier outputs), yielding its text as generated."""
+        stage = self.manifest.stages[i]
+        t0 = time.perf_counter()
+        c0 = self.pool.counters.snapshot()
+        lm = self.pool.get(self.models[stage.model])
+        if self.pool.max_resident is not None and i + 1 < len(self.manifest.stages):
+            self.pool.prefetch(self.models[self.manifest.stages[i + 1].model])
+        adapter = self.adapters.get(stage.name)
+        lm.activate(adapter, self.pool.counters)
+        tokens, dropped = prepare(lm, stage, values, self.pool.settings.ctx_size, truncate=truncate)
+        gen = Generation(truncated_input_tokens=dropped)
+        yield from generate(lm, stage, tokens, self.pool.settings.seed + i, gen)
+        cost = self.pool.counters.since(c0)
+        return StageTrace(
+            name=stage.name,
+            output=gen.text,
+            prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.completion_tokens,
+            seconds=time.perf_counter() - t0,
+            model=stage.model,
+            adapter=str(adapter.path.name) if adapter else None,
+            stop_reason=gen.stop_reason,
+            load_seconds=cost.load_seconds,
+            swap_seconds=cost.swap_seconds,
+            prompt_seconds=gen.prompt_seconds,
+            gen_seconds=gen.gen_seconds,
+            truncated_input_tokens=dropped,
+        )
+
     def execute(
         self,
         prompt: str,
@@ -127,43 +159,27 @@ class Pipeline:
         for i, stage in enumerate(self.manifest.stages):
             if on_stage_start:
                 on_stage_start(stage)
-            t0 = time.perf_counter()
-            c0 = self.pool.counters.snapshot()
-            lm = self.pool.get(self.models[stage.model])
-            adapter = self.adapters.get(stage.name)
-            lm.activate(adapter, self.pool.counters)
-            tokens, dropped = prepare(lm, stage, values, self.pool.settings.ctx_size, truncate=truncate)
-            gen = Generation(truncated_input_tokens=dropped)
-            seed = self.pool.settings.seed + i
-            for piece in generate(lm, stage, tokens, seed, gen):
+            steps = self.run_stage(i, values, truncate=truncate)
+            while True:
+                try:
+                    piece = next(steps)
+                except StopIteration as done:
+                    trace = done.value
+                    break
                 if i == last:
                     yield piece
-            cost = self.pool.counters.since(c0)
-            trace = StageTrace(
-                name=stage.name,
-                output=gen.text,
-                prompt_tokens=gen.prompt_tokens,
-                completion_tokens=gen.completion_tokens,
-                seconds=time.perf_counter() - t0,
-                model=stage.model,
-                adapter=str(adapter.path.name) if adapter else None,
-                stop_reason=gen.stop_reason,
-                load_seconds=cost.load_seconds,
-                swap_seconds=cost.swap_seconds,
-                prompt_seconds=gen.prompt_seconds,
-                gen_seconds=gen.gen_seconds,
-                truncated_input_tokens=dropped,
-            )
             traces.append(trace)
-            values[stage.name] = gen.text
+            values[stage.name] = trace.output
             if on_stage_end:
                 on_stage_end(trace)
-        spent = self.pool.counters.since(before)
+        return self.result(prompt, traces, time.perf_counter() - t_run, self.pool.counters.since(before))
+
+    def result(self, prompt: str, traces: list[StageTrace], seconds: float, spent: PoolCounters) -> RunResult:
         return RunResult(
             prompt=prompt,
             answer=traces[-1].output,
             stages=traces,
-            total_seconds=time.perf_counter() - t_run,
+            total_seconds=seconds,
             stack=self.manifest.name,
             policy=self.policy,
             loads=spent.loads,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
 import time
 from collections import OrderedDict
@@ -82,6 +83,7 @@ class PoolCounters:
     evictions: int = 0
     adapter_loads: int = 0
     adapter_swaps: int = 0
+    prefetches: int = 0
     load_seconds: float = 0.0
     swap_seconds: float = 0.0
 
@@ -146,7 +148,7 @@ class LoadedModel:
         self.llm.reset()
         mem = lc.llama_get_memory(self.llm._ctx.ctx)
         if mem is not None:
-            lc.llama_memory_clear(mem, True)
+            lc.llama_memory_clear(mem, False)  # cells marked empty; zeroing 47 MB of KV data buys nothing
 
     def _adapter_handle(self, adapter: ResolvedAdapter, counters: PoolCounters) -> Any:
         key = str(adapter.path)
@@ -253,6 +255,27 @@ class ModelPool:
         self.counters.loads += 1
         self.counters.load_seconds += time.perf_counter() - t0
         return LoadedModel(model=model, llm=llm)
+
+    def prefetch(self, model: ResolvedModel) -> bool:
+        """Ask the kernel to start reading ``model``'s file into the page cache, if it is not loaded.
+
+        Used when the policy swaps whole models: the next stage's weights stream in from
+        disk while the current stage computes. The kernel does the I/O; nothing blocks.
+        """
+        if model.key in self._loaded or not hasattr(os, "posix_fadvise"):
+            return False
+        try:
+            fd = os.open(model.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        self.counters.prefetches += 1
+        return True
 
     def evict(self, key: str) -> None:
         lm = self._loaded.pop(key, None)

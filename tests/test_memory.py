@@ -243,3 +243,12 @@ def test_load_evict_cycles_do_not_leak(mixed_manifest):
         grown = current_rss() - before
     assert pool.counters.evictions >= 20
     assert grown < 5 * MB, f"RSS grew {grown / MB:.1f} MB over 20 load/evict cycles"
+
+
+def test_sequential_prefetches_the_next_model(mixed_manifest):
+    with Stack.load(mixed_manifest, policy="sequential", preload=False) as stack:
+        stack.run("Why is the sky blue?")
+        assert stack.pipeline.pool.counters.prefetches >= 1  # gemma's file was warmed while smol ran
+    with Stack.load(mixed_manifest, policy="all", preload=False) as stack:
+        stack.run("Why is the sky blue?")
+        assert stack.pipeline.pool.counters.prefetches == 0  # nothing is ever swapped out
