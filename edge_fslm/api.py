@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import psutil
 
 from . import gguf_info, sources
-from .manifest import Manifest, load_stack
+from .manifest import Manifest, StageSpec, load_stack
 from .memory import Plan, StageRow, footprint, parse_budget, plan_residency, process_baseline, require_fit
 from .pipeline import Pipeline, RunResult, StageTrace
 from .pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel
@@ -219,6 +219,7 @@ class Stack:
         truncate: bool,
         on_stage_end: Callable[[StageTrace], None] | None,
         holder: StreamingRun | None,
+        on_stage_start: Callable[[StageSpec], None] | None = None,
     ) -> Iterator[str]:
         with self._lock:
             if self._closed:
@@ -227,7 +228,9 @@ class Stack:
             if sampler:
                 sampler.start()
             try:
-                result = yield from self.pipeline.execute(prompt, truncate=truncate, on_stage_end=on_stage_end)
+                result = yield from self.pipeline.execute(
+                    prompt, truncate=truncate, on_stage_start=on_stage_start, on_stage_end=on_stage_end
+                )
             finally:
                 peak = sampler.stop() if sampler else 0
             result.peak_rss_bytes = peak
@@ -239,10 +242,15 @@ class Stack:
             return result
 
     def run(
-        self, prompt: str, *, truncate: bool = False, on_stage_end: Callable[[StageTrace], None] | None = None
+        self,
+        prompt: str,
+        *,
+        truncate: bool = False,
+        on_stage_start: Callable[[StageSpec], None] | None = None,
+        on_stage_end: Callable[[StageTrace], None] | None = None,
     ) -> RunResult:
         """Run every stage on ``prompt`` and return the answer with its trace."""
-        gen = self._execute(prompt, truncate, on_stage_end, None)
+        gen = self._execute(prompt, truncate, on_stage_end, None, on_stage_start)
         while True:
             try:
                 next(gen)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -199,6 +200,38 @@ def plan(stack, budget, ctx_size, batch_size, policy, offline, as_json):
     else:
         click.echo(p.format_text())
     require_fit(p)
+
+
+@main.command()
+@_runtime_options
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="Prompts to profile: one per line, or JSONL with \"prompt\" (default: a built-in set of 10).")
+@click.option("--max-tokens", "-n", type=int, help="Cap every stage's generated tokens.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False),
+              help="Draw the RSS timeline and latency breakdown to a PNG (needs the [plot] extra).")
+def profile(stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, verbose, prompts_file, max_tokens,
+            output, plot):
+    """Profile a stack: per-stage load, swap, TTFT, tokens/s, peak RSS, and an RSS timeline."""
+    from .api import Stack
+    from .profiler import format_report, plot_report, profile_stack, read_prompts
+
+    prompts = read_prompts(prompts_file)
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib: pip install 'edge-fslm[plot]'") from None
+    with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
+                    budget=budget, policy=policy, offline=offline, verbose=verbose, preload=False,
+                    measure_rss=False) as st:
+        report = profile_stack(st, prompts)
+    click.echo(format_report(report))
+    if output:
+        Path(output).write_text(json.dumps(report, indent=1) + "\n")
+        click.echo(f"report: {output}", err=True)
+    if plot:
+        click.echo(f"plot: {plot_report(report, plot)}", err=True)
 
 
 @main.command()

@@ -8,7 +8,10 @@ of the two.
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import os
+import platform
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -108,3 +111,36 @@ class RssSampler:
                 if hwm is not None and hwm > self.peak_bytes:
                     self.peak_bytes = hwm
         return self.peak_bytes
+
+
+def machine_info() -> dict:
+    """The machine a measurement was taken on: CPU, cores, RAM, versions, llama.cpp's build."""
+    try:
+        import llama_cpp
+
+        system_info = llama_cpp.llama_print_system_info().decode().strip()
+    except Exception as exc:  # a record should be written even without llama.cpp
+        system_info = f"unavailable ({exc})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("edge-fslm", "llama-cpp-python", "gguf", "numpy", "psutil"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "cpu": cpu,
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "llama_cpp_system_info": system_info,
+        "versions": versions,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }

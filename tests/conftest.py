@@ -50,3 +50,29 @@ def write_manifest(folder: Path, text: str, name: str = "stack.toml") -> Path:
     p = folder / name
     p.write_text(text, encoding="utf-8")
     return p
+
+
+@pytest.fixture(scope="session")
+def mixed_manifest(tmp_path_factory, smollm2_path, gemma_path) -> str:
+    """Two real base models: SmolLM2 for the first stage, Gemma 3 for the second."""
+    folder = tmp_path_factory.mktemp("mixed")
+    return str(write_manifest(folder, f"""
+[stack]
+name = "mixed"
+[models.smol]
+source = "{smollm2_path}"
+[models.gemma]
+source = "{gemma_path}"
+[[stages]]
+name = "keywords"
+model = "smol"
+max_tokens = 12
+stop = ["\\n"]
+messages = [{{ role = "user", content = "List the key concepts of this request, comma-separated: {{input}}" }}]
+[[stages]]
+name = "answer"
+model = "gemma"
+max_tokens = 16
+stop = ["\\n\\n"]
+template = "Key concepts: {{keywords}}\\nQuestion: {{input}}\\nAnswer:"
+""", name="mixed.toml"))

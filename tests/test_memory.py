@@ -179,31 +179,6 @@ template = "{{input}}"
         Stack.load(m)
 
 
-@pytest.fixture(scope="module")
-def mixed_manifest(tmp_path_factory, smollm2_path, gemma_path) -> str:
-    folder = tmp_path_factory.mktemp("mixed")
-    return str(write_manifest(folder, f"""
-[stack]
-name = "mixed"
-[models.smol]
-source = "{smollm2_path}"
-[models.gemma]
-source = "{gemma_path}"
-[[stages]]
-name = "keywords"
-model = "smol"
-max_tokens = 12
-stop = ["\\n"]
-messages = [{{ role = "user", content = "List the key concepts of this request, comma-separated: {{input}}" }}]
-[[stages]]
-name = "answer"
-model = "gemma"
-max_tokens = 16
-stop = ["\\n\\n"]
-template = "Key concepts: {{keywords}}\\nQuestion: {{input}}\\nAnswer:"
-""", name="mixed.toml"))
-
-
 def test_policies_on_two_models(mixed_manifest):
     _, _, _, everything = prepare_stack(mixed_manifest)
     assert everything.policy == "all"
