@@ -7,8 +7,9 @@ PROMPT ?= Why is the sky blue?
 install:
 	scripts/install.sh
 
+# the converter's tests need the [train] extra (torch==2.13.0 CPU, transformers, peft)
 install-test:
-	scripts/install.sh test
+	scripts/install.sh test,train
 
 run: install
 	$(VENV)/bin/edge-fslm run "$(PROMPT)"

@@ -88,8 +88,11 @@ def make_plan(
     for key, stage_names in by_key.items():
         model = next(m for m in models.values() if m.key == key)
         infos = {str(adapters[n].path): adapters[n].info for n in stage_names if n in adapters}
+        # one saved prefix per (stage, adapter); at least 1 token per 3 characters, plus chat markup
+        prefix_tokens = sum(manifest.stage(n).static_prefix_chars // 3 + 16 for n in stage_names) if rt.prefix_cache else 0
         units[key] = footprint(model.id, model.info, ctx_size=rt.ctx_size, batch_size=rt.batch_size,
-                               adapters=list(infos.values()))
+                               adapters=list(infos.values()), prefix_tokens=prefix_tokens,
+                               kv_cache_type=rt.kv_cache_type)
     rows = [StageRow(stage=s.name, model=models[s.model].key,
                      adapter=adapters[s.name].path.name if s.name in adapters else None) for s in manifest.stages]
     shared = len(units) == 1
@@ -198,6 +201,8 @@ class Stack:
             mmap=rt.mmap,
             seed=rt.seed,
             verbose=verbose,
+            prefix_cache=rt.prefix_cache,
+            kv_cache_type=rt.kv_cache_type,
         )
         pool = ModelPool(settings, max_resident=plan.max_resident)
         pipeline = Pipeline(manifest=manifest, models=models, adapters=adapters, pool=pool, policy=plan.policy)

@@ -290,5 +290,11 @@ def pull(stack):
     click.echo(f"{m.name}: {len(refs)} files ready")
 
 
+from .convert.cli import build, convert, convert_lora, profiles, quantize  # noqa: E402  (commands import lazily)
+
+for _cmd in (convert, convert_lora, quantize, build, profiles):
+    main.add_command(_cmd)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

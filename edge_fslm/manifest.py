@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 import sys
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -33,9 +34,29 @@ NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 ROLES = ("system", "user", "assistant")
 POLICIES = ("auto", "all", "lru", "sequential", "shared-base")
+KV_CACHE_TYPES = ("f16", "q8_0", "f32")
 MAX_CTX = 1 << 20
 MAX_TOKENS = 1 << 16
 RESERVED_FIELDS = ("input",)
+# Bounds on what a manifest may ask of the parser and validator. A stack manifest is a small
+# text file; these stop a hostile one from exhausting memory or CPU before validation can
+# say what is wrong (tomllib nests recursively, and a long dotted key costs it quadratic memory).
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_NESTING = 32  # [ and { open at once
+MAX_OPENINGS = 20_000  # [ and { in the whole document
+MAX_DOTS_PER_LINE = 32  # dotted-key separators (and decimal points) outside strings, per line
+MAX_DOTS = 4096
+MAX_STAGES = 256
+MAX_MODELS = 64
+MAX_PROBLEMS = 50
+# (low, high, integer?) for each sampling field, in a stage or as a CLI/API override
+SAMPLING_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0.0, 5.0, False),
+    "top_k": (0, 100000, True),
+    "top_p": (0.0, 1.0, False),
+    "min_p": (0.0, 1.0, False),
+    "repeat_penalty": (0.0, 5.0, False),
+}
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,18 @@ class StageSpec:
     description: str = ""
 
     @property
+    def static_prefix_chars(self) -> int:
+        """Characters of literal prompt text before the first field: what the prefix cache saves."""
+        parts = [m.content for m in self.messages] if self.messages else [self.template]
+        total = 0
+        for t in parts:
+            for literal, f in t.parts:  # type: ignore[union-attr]
+                total += len(literal)
+                if f is not None:
+                    return total
+        return total
+
+    @property
     def reads(self) -> tuple[str, ...]:
         """The fields (``input`` and stage names) this stage's prompt uses, in order."""
         seen: dict[str, None] = {}
@@ -108,6 +141,8 @@ class RuntimeSpec:
     seed: int = 0
     policy: str = "auto"
     budget: str | None = None
+    prefix_cache: bool = True
+    kv_cache_type: str = "f16"  # f16 | q8_0 | f32 (llama.cpp --cache-type-k/-v)
 
 
 @dataclass(frozen=True)
@@ -149,7 +184,18 @@ class Manifest:
         """Override max_tokens and sampling fields on every stage (None values are ignored)."""
         max_tokens = overrides.pop("max_tokens", None)
         sampling = {k: v for k, v in overrides.items() if v is not None}
-        if max_tokens is not None and not (1 <= max_tokens < self.runtime.ctx_size):
+        for key, val in sampling.items():
+            bounds = SAMPLING_BOUNDS.get(key)
+            if bounds is None:
+                raise ManifestError(f"unknown sampling override {_name(key)} — known: {', '.join(SAMPLING_BOUNDS)}")
+            lo, hi, want_int = bounds
+            ok = _is_int(val) if want_int else _is_num(val)
+            if not ok or not lo <= val <= hi:  # NaN fails every comparison
+                kind = "an integer" if want_int else "a number"
+                raise ManifestError(f"--{key.replace('_', '-')} {_show(val)}: expected {kind} from {lo} to {hi}")
+            if not want_int:
+                sampling[key] = float(val)
+        if max_tokens is not None and (not _is_int(max_tokens) or not 1 <= max_tokens < self.runtime.ctx_size):
             raise ManifestError(
                 f"--max-tokens {max_tokens}: must be between 1 and ctx size - 1 ({self.runtime.ctx_size - 1})"
             )
@@ -222,8 +268,10 @@ def load_manifest(path: str | Path, *, trusted: bool = True) -> Manifest:
         raise ManifestError(f"{p}: permission denied reading the manifest") from None
     except OSError as exc:
         raise ManifestError(f"{p}: cannot read manifest ({exc.strerror})") from None
-    if len(data) > 4 << 20:
-        raise ManifestError(f"{p}: manifest is {len(data)} bytes; a stack manifest is a small text file (limit 4 MiB)")
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{p}: manifest is {len(data)} bytes; a stack manifest is a small text file (limit {MAX_MANIFEST_BYTES} bytes)"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -241,17 +289,145 @@ def parse_manifest(
     builtin: bool = False,
 ) -> Manifest:
     """Parse and validate manifest text; raise one ManifestError listing every problem."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ManifestError(f"{origin}: not valid TOML: {exc}") from None
+    doc = load_toml(text, origin)
     problems: list[str] = []
     v = _Validator(origin, problems)
-    manifest = v.manifest(doc)
+    try:
+        manifest = v.manifest(doc)
+    except _TooManyProblems:
+        manifest = None
+        problems[MAX_PROBLEMS:] = [f"{origin}: stopped after {MAX_PROBLEMS} problems — fix these first"]
     if problems:
         raise ManifestError("\n".join(problems))
     assert manifest is not None
     return replace(manifest, path=path, base_dir=base_dir, trusted=trusted, builtin=builtin)
+
+
+def load_toml(text: str, origin: str) -> dict[str, Any]:
+    """``tomllib.loads`` with bounds: any document, however hostile, ends in a dict or a ManifestError."""
+    if not isinstance(text, str):
+        raise ManifestError(f"{origin}: expected manifest text, got {type(text).__name__}")
+    if len(text) > MAX_MANIFEST_BYTES:  # characters; the file check counts bytes
+        raise ManifestError(
+            f"{origin}: manifest is {len(text)} characters; a stack manifest is a small text file"
+            f" (limit {MAX_MANIFEST_BYTES})"
+        )
+    problem = _toml_shape_problem(text)
+    if problem:
+        raise ManifestError(f"{origin}: {problem} — a stack manifest needs nothing like this; simplify it")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{origin}: not valid TOML: {_clean(str(exc))}") from None
+    except (RecursionError, MemoryError):  # the shape check should make these unreachable
+        raise ManifestError(f"{origin}: TOML is nested too deeply to read — simplify it") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ManifestError(f"{origin}: not valid TOML: {_name(exc, 120)} — simplify the value") from None
+    return doc
+
+
+_SIGNIFICANT = re.compile(r"[\n#\"'\[\]{}.]")
+
+
+def _toml_shape_problem(text: str) -> str | None:
+    """Scan TOML text outside strings and comments for nesting and dotted keys that tomllib handles badly.
+
+    tomllib parses nested arrays and inline tables recursively (RecursionError at ~1000 levels),
+    keeps every prefix of a dotted key (quadratic memory: a 200 KB key needs tens of GB), and builds
+    a dict per table header. Real manifests nest 3 deep and use 2-3 part keys.
+    """
+    depth = openings = dots = line_dots = 0
+    line = 1
+    i, n = 0, len(text)
+    find = text.find
+    search = _SIGNIFICANT.search
+    while True:
+        m = search(text, i)
+        if m is None:
+            break
+        i = m.start()
+        c = text[i]
+        if c == "\n":
+            line += 1
+            line_dots = 0
+        elif c == "#":
+            j = find("\n", i)
+            i = n if j < 0 else j
+            continue
+        elif c == '"' or c == "'":
+            triple = text.startswith(c * 3, i)
+            quote = c * 3 if triple else c
+            j = i + len(quote)
+            stop = -1
+            while True:
+                k = find(quote, j)
+                if k < 0:
+                    return None  # unterminated string: tomllib will say where
+                if not triple:
+                    nl = find("\n", j, k)
+                    if nl >= 0:  # unterminated one-line string: resume at the newline, tomllib will complain
+                        stop = nl
+                        break
+                if c == '"':
+                    esc = find("\\", j, k)
+                    if esc >= 0:
+                        j = esc + 2
+                        continue
+                stop = k + len(quote)
+                if triple:  # a closing run may hold up to two more quotes (TOML allows """a"""")
+                    while stop < n and text[stop] == c and stop - k < 5:
+                        stop += 1
+                break
+            line += text.count("\n", i, stop)
+            i = stop
+            continue
+        elif c == "[" or c == "{":
+            depth += 1
+            openings += 1
+            if depth > MAX_NESTING:
+                return f"line {line}: arrays and tables nested more than {MAX_NESTING} deep"
+            if openings > MAX_OPENINGS:
+                return f"line {line}: more than {MAX_OPENINGS} arrays and tables"
+        elif c == "]" or c == "}":
+            depth = max(0, depth - 1)
+        elif c == ".":
+            dots += 1
+            line_dots += 1
+            if line_dots > MAX_DOTS_PER_LINE:
+                return f"line {line}: a key with more than {MAX_DOTS_PER_LINE} dotted parts"
+            if dots > MAX_DOTS:
+                return f"line {line}: more than {MAX_DOTS} dotted keys and decimal points"
+        i += 1
+    return None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 6
+_REPR.maxlevel = 3
+
+
+def _clean(text: str) -> str:
+    """One printable line, whatever a manifest put in a key or value."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _show(value: Any) -> str:
+    """A value from the manifest as it may appear in a message: repr, escaped, shortened."""
+    return _clean(_REPR.repr(value))
+
+
+def _name(text: Any, limit: int = 64) -> str:
+    """A key or name from the manifest, shown bare: escaped and shortened."""
+    text = _clean(str(text))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _TooManyProblems(Exception):
+    pass
 
 
 # --------------------------------------------------------------------------- validation
@@ -281,22 +457,27 @@ def _check_runtime(rt: dict[str, Any], where: str, problems: list[str]) -> Runti
         if key in rt:
             val = rt[key]
             if not _is_int(val) or not lo <= val <= hi:
-                problems.append(f"{where}: {key}: expected an integer from {lo} to {hi}, got {val!r}")
+                problems.append(f"{where}: {key}: expected an integer from {lo} to {hi}, got {_show(val)}")
             else:
                 values[key] = val
     if "mmap" in rt:
         if not isinstance(rt["mmap"], bool):
-            problems.append(f"{where}: mmap: expected true or false, got {rt['mmap']!r}")
+            problems.append(f"{where}: mmap: expected true or false, got {_show(rt['mmap'])}")
         else:
             values["mmap"] = rt["mmap"]
+    if "kv_cache_type" in rt:
+        if rt["kv_cache_type"] not in KV_CACHE_TYPES:
+            problems.append(f"{where}: kv_cache_type: expected one of {', '.join(KV_CACHE_TYPES)}, got {rt['kv_cache_type']!r}")
+        else:
+            values["kv_cache_type"] = rt["kv_cache_type"]
     if "policy" in rt:
         if rt["policy"] not in POLICIES:
-            problems.append(f"{where}: policy: expected one of {', '.join(POLICIES)}, got {rt['policy']!r}")
+            problems.append(f"{where}: policy: expected one of {', '.join(POLICIES)}, got {_show(rt['policy'])}")
         else:
             values["policy"] = rt["policy"]
     if "budget" in rt and rt["budget"] is not None:
         if not isinstance(rt["budget"], str):
-            problems.append(f"{where}: budget: expected a string like \"300MB\" or \"40%\", got {rt['budget']!r}")
+            problems.append(f"{where}: budget: expected a string like \"300MB\" or \"40%\", got {_show(rt['budget'])}")
         else:
             values["budget"] = rt["budget"]
     return replace(out, **values)
@@ -316,14 +497,16 @@ class _Validator:
         self.problems = problems
 
     def err(self, where: str, msg: str) -> None:
-        self.problems.append(f"{self.origin}: {where}: {msg}")
+        self.problems.append(_clean(f"{self.origin}: {where}: {msg}"))
+        if len(self.problems) > MAX_PROBLEMS:
+            raise _TooManyProblems
 
     def unknown_keys(self, table: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
         for key in table:
             if key not in allowed:
                 hint = difflib.get_close_matches(key, allowed, n=1)
                 extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-                self.err(f"{where}{key}", f"unknown key{extra} — allowed: {', '.join(allowed)}")
+                self.err(f"{where}{_name(key)}", f"unknown key{extra} — allowed: {', '.join(allowed)}")
 
     def table(self, doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
         val = doc.get(key, {})
@@ -338,7 +521,7 @@ class _Validator:
                 self.err(where + key, "missing (required)")
             return default
         if not isinstance(t[key], str):
-            self.err(where + key, f"expected a string, got {type(t[key]).__name__} {t[key]!r}")
+            self.err(where + key, f"expected a string, got {type(t[key]).__name__} {_show(t[key])}")
             return default
         return t[key]
 
@@ -347,7 +530,7 @@ class _Validator:
             return None
         val = t["sha256"]
         if not isinstance(val, str) or not SHA256.match(val):
-            self.err(where + "sha256", f"expected 64 hex characters, got {val!r}")
+            self.err(where + "sha256", f"expected 64 hex characters, got {_show(val)}")
             return None
         return val.lower()
 
@@ -357,9 +540,9 @@ class _Validator:
         self.unknown_keys(stack, STACK_KEYS, "stack.")
         name = self.string(stack, "name", "stack.", required=True)
         if name and not NAME.match(name):
-            self.err("stack.name", f"{name!r} is not a valid name — use letters, digits, '_' or '-' (max 64)")
+            self.err("stack.name", f"{_show(name)} is not a valid name — use letters, digits, '_' or '-' (max 64)")
         if "schema" in stack and stack["schema"] != 1:
-            self.err("stack.schema", f"unsupported schema {stack['schema']!r} — this edge-fslm reads schema 1")
+            self.err("stack.schema", f"unsupported schema {_show(stack['schema'])} — this edge-fslm reads schema 1")
         description = self.string(stack, "description", "stack.")
 
         rt_table = self.table(doc, "runtime", "")
@@ -370,12 +553,15 @@ class _Validator:
         model_tables = self.table(doc, "models", "")
         if not model_tables:
             self.err("models", "no models — add a [models.NAME] table with a source")
+        if len(model_tables) > MAX_MODELS:
+            self.err("models", f"{len(model_tables)} models; a stack may name at most {MAX_MODELS}")
+            model_tables = {}
         for mid, mt in model_tables.items():
-            where = f"models.{mid}."
+            where = f"models.{_name(mid)}."
             if not NAME.match(mid):
-                self.err(f"models.{mid}", "not a valid model id — use letters, digits, '_' or '-'")
+                self.err(f"models.{_name(mid)}", "not a valid model id — use letters, digits, '_' or '-'")
             if not isinstance(mt, dict):
-                self.err(f"models.{mid}", f"expected a table with a source, got {type(mt).__name__}")
+                self.err(f"models.{_name(mid)}", f"expected a table with a source, got {type(mt).__name__}")
                 continue
             self.unknown_keys(mt, MODEL_KEYS, where)
             source = self.string(mt, "source", where, required=True)
@@ -389,10 +575,13 @@ class _Validator:
             stages_raw = []
         elif not stages_raw:
             self.err("stages", "no stages — add at least one [[stages]] table")
+        elif len(stages_raw) > MAX_STAGES:
+            self.err("stages", f"{len(stages_raw)} stages; a stack may have at most {MAX_STAGES}")
+            stages_raw = []
         all_names = [s.get("name") for s in stages_raw]
         stages: list[StageSpec] = []
         for i, st in enumerate(stages_raw):
-            earlier = [n for n in all_names[:i] if isinstance(n, str)]
+            earlier = [n for n in all_names[:i] if isinstance(n, str) and NAME.match(n)]
             spec = self.stage(st, i, models, earlier, all_names, runtime)
             if spec is not None:
                 stages.append(spec)
@@ -412,25 +601,25 @@ class _Validator:
         label = f"stages[{i}]"
         name = st.get("name")
         if isinstance(name, str):
-            label = f"stages[{i}] ({name})"
+            label = f"stages[{i}] ({_name(name)})"
         where = label + "."
         before = len(self.problems)
         self.unknown_keys(st, STAGE_KEYS, where)
         name = self.string(st, "name", where, required=True)
         if name:
             if not NAME.match(name):
-                self.err(where + "name", f"{name!r} is not a valid name — use letters, digits, '_' or '-'")
+                self.err(where + "name", f"{_show(name)} is not a valid name — use letters, digits, '_' or '-'")
             elif name in RESERVED_FIELDS:
                 self.err(where + "name", f"'{name}' is reserved for the user's prompt — choose another stage name")
             elif name in earlier:
-                self.err(where + "name", f"duplicate stage name '{name}' — stage names must be unique")
+                self.err(where + "name", f"duplicate stage name '{_name(name)}' — stage names must be unique")
         model = self.string(st, "model", where, required=len(models) != 1)
         if not model and len(models) == 1:
             model = next(iter(models))
         if model and model not in models:
             hint = difflib.get_close_matches(model, list(models), n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            self.err(where + "model", f"unknown model '{model}'{extra} — defined models: {', '.join(models) or 'none'}")
+            self.err(where + "model", f"unknown model '{_name(model)}'{extra} — defined models: {', '.join(models) or 'none'}")
 
         adapter = None
         if "adapter" in st:
@@ -444,7 +633,7 @@ class _Validator:
                 source = self.string(a, "source", where + "adapter.", required=True)
                 scale = a.get("scale", 1.0)
                 if not _is_num(scale) or not -16.0 <= scale <= 16.0:
-                    self.err(where + "adapter.scale", f"expected a number from -16 to 16, got {scale!r}")
+                    self.err(where + "adapter.scale", f"expected a number from -16 to 16, got {_show(scale)}")
                     scale = 1.0
                 adapter = AdapterSpec(source=source, sha256=self.sha(a, where + "adapter."), scale=float(scale))
 
@@ -455,17 +644,18 @@ class _Validator:
                 if f in known:
                     continue
                 if f == name:
-                    self.err(at, f"stage '{name}' reads its own output {{{f}}} — a stage reads {{input}} and earlier stages only")
+                    self.err(at, f"stage '{_name(name)}' reads its own output {{{_name(f)}}} — a stage reads {{input}} and earlier stages only")
                 elif f in all_names:
                     self.err(
                         at,
-                        f"reads {{{f}}}, which runs after this stage — a stage reads {{input}} and earlier stages only;"
+                        f"reads {{{_name(f)}}}, which runs after this stage — a stage reads {{input}} and earlier stages only;"
                         " reorder the [[stages]]",
                     )
                 else:
                     hint = difflib.get_close_matches(f, known, n=1)
                     extra = f" (did you mean {{{hint[0]}}}?)" if hint else ""
-                    self.err(at, f"unknown field {{{f}}}{extra} — known fields here: {', '.join('{' + k + '}' for k in known)}")
+                    shown = ", ".join("{" + k + "}" for k in known[:12]) + (", …" if len(known) > 12 else "")
+                    self.err(at, f"unknown field {{{_name(f)}}}{extra} — known fields here: {shown}")
 
         def template_of(raw: Any, at: str) -> Template | None:
             if not isinstance(raw, str):
@@ -498,7 +688,7 @@ class _Validator:
                     self.unknown_keys(m, MESSAGE_KEYS, at + ".")
                     role = self.string(m, "role", at + ".", required=True)
                     if role and role not in ROLES:
-                        self.err(at + ".role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+                        self.err(at + ".role", f"expected one of {', '.join(ROLES)}, got {_show(role)}")
                     if "content" not in m:
                         self.err(at + ".content", "missing (required)")
                         continue
@@ -513,7 +703,7 @@ class _Validator:
 
         max_tokens = st.get("max_tokens", 128)
         if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS:
-            self.err(where + "max_tokens", f"expected an integer from 1 to {MAX_TOKENS}, got {max_tokens!r}")
+            self.err(where + "max_tokens", f"expected an integer from 1 to {MAX_TOKENS}, got {_show(max_tokens)}")
             max_tokens = 1
         elif max_tokens >= runtime.ctx_size:
             self.err(
@@ -530,19 +720,13 @@ class _Validator:
 
         sampling = Sampling()
         sampling_values: dict[str, Any] = {}
-        for key, lo, hi, want_int in (
-            ("temperature", 0.0, 5.0, False),
-            ("top_k", 0, 100000, True),
-            ("top_p", 0.0, 1.0, False),
-            ("min_p", 0.0, 1.0, False),
-            ("repeat_penalty", 0.0, 5.0, False),
-        ):
+        for key, (lo, hi, want_int) in SAMPLING_BOUNDS.items():
             if key in st:
                 val = st[key]
                 ok = _is_int(val) if want_int else _is_num(val)
                 if not ok or not lo <= val <= hi:
                     kind = "an integer" if want_int else "a number"
-                    self.err(where + key, f"expected {kind} from {lo} to {hi}, got {val!r}")
+                    self.err(where + key, f"expected {kind} from {lo} to {hi}, got {_show(val)}")
                 else:
                     sampling_values[key] = val if want_int else float(val)
         sampling = replace(sampling, **sampling_values)

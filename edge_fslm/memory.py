@@ -15,7 +15,9 @@ A loaded model costs, from GGUF metadata alone:
   output row per step only a small, near-constant part is ever touched. We model the
   touched part as a per-model constant plus a term in ``n_ubatch × (n_embd + n_ff)``,
   calibrated against psutil/VmHWM measurements (see benchmarks/memory.py);
-* each LoRA adapter: its tensor bytes.
+* each LoRA adapter: its tensor bytes;
+* the prefix cache: each stage's fixed prompt prefix saved as KV state (same bytes per
+  token as the KV cache), estimated from the manifest's literal template text.
 
 The baseline is the process's own RSS before loading (interpreter, numpy, llama_cpp).
 """
@@ -87,20 +89,24 @@ class Footprint:
     compute: int
     adapters: int
     overhead: int
+    prefix_cache: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.adapters + self.overhead
+        return self.weights + self.kv_cache + self.compute + self.adapters + self.overhead + self.prefix_cache
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
 
 
-def kv_cache_bytes(info: GGUFInfo, ctx_size: int, bytes_per_element: int = 2) -> int:
+KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 values in 34 bytes
+
+
+def kv_cache_bytes(info: GGUFInfo, ctx_size: int, kv_cache_type: str = "f16") -> int:
     n_layer = info.n_layer or 0
     k = info.n_embd_k_gqa or info.n_embd or 0
     v = info.n_embd_v_gqa or info.n_embd or 0
-    return ctx_size * n_layer * (k + v) * bytes_per_element
+    return int(ctx_size * n_layer * (k + v) * KV_BYTES_PER_ELEMENT[kv_cache_type])
 
 
 def compute_bytes(info: GGUFInfo, batch_size: int, ctx_size: int) -> int:
@@ -109,14 +115,16 @@ def compute_bytes(info: GGUFInfo, batch_size: int, ctx_size: int) -> int:
 
 
 def footprint(model_id: str, info: GGUFInfo, *, ctx_size: int, batch_size: int,
-              adapters: list[GGUFInfo] | None = None) -> Footprint:
+              adapters: list[GGUFInfo] | None = None, prefix_tokens: int = 0,
+              kv_cache_type: str = "f16") -> Footprint:
     return Footprint(
         model=model_id,
         weights=info.tensor_bytes,
-        kv_cache=kv_cache_bytes(info, ctx_size),
+        kv_cache=kv_cache_bytes(info, ctx_size, kv_cache_type),
         compute=compute_bytes(info, batch_size, ctx_size),
         adapters=sum(a.tensor_bytes for a in adapters or []),
         overhead=MODEL_OVERHEAD + OVERHEAD_PER_VOCAB * (info.n_vocab or 0),
+        prefix_cache=kv_cache_bytes(info, min(prefix_tokens, ctx_size), kv_cache_type),
     )
 
 
@@ -174,13 +182,14 @@ class Plan:
         for s in self.stages:
             lines.append(f"  {s.stage:<14}{s.model:<14}{s.adapter or '-'}")
         lines.append("")
-        lines.append(f"  {'model':<14}{'weights':>10}{'KV cache':>10}{'compute':>10}{'runtime':>10}{'adapters':>10}{'total':>10}")
+        lines.append(f"  {'model':<14}{'weights':>10}{'KV cache':>10}{'compute':>10}{'runtime':>10}{'adapters':>10}"
+                     f"{'prefixes':>10}{'total':>10}")
         for name, f in self.footprints.items():
             lines.append(
                 f"  {name:<14}{fmt_bytes(f.weights):>10}{fmt_bytes(f.kv_cache):>10}{fmt_bytes(f.compute):>10}"
-                f"{fmt_bytes(f.overhead):>10}{fmt_bytes(f.adapters):>10}{fmt_bytes(f.total):>10}"
+                f"{fmt_bytes(f.overhead):>10}{fmt_bytes(f.adapters):>10}{fmt_bytes(f.prefix_cache):>10}{fmt_bytes(f.total):>10}"
             )
-        lines.append(f"  {'process baseline (interpreter, imports)':<58}{fmt_bytes(self.baseline):>16}")
+        lines.append(f"  {'process baseline (interpreter, imports)':<68}{fmt_bytes(self.baseline):>16}")
         lines.append("")
         for name, peak in self.alternatives.items():
             shown = name.replace(":", " keeps ")

@@ -35,6 +35,7 @@ class StageTrace:
     prompt_seconds: float = 0.0
     gen_seconds: float = 0.0
     truncated_input_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -140,6 +141,7 @@ class Pipeline:
             prompt_seconds=gen.prompt_seconds,
             gen_seconds=gen.gen_seconds,
             truncated_input_tokens=dropped,
+            cached_prompt_tokens=gen.cached_prompt_tokens,
         )
 
     def execute(

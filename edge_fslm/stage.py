@@ -28,6 +28,7 @@ class Generation:
     prompt_seconds: float = 0.0  # prompt evaluation up to the first token
     gen_seconds: float = 0.0
     truncated_input_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the stage's prefix cache
 
 
 def _formatter(lm: LoadedModel, stage: StageSpec):
@@ -163,12 +164,84 @@ class _StopScanner:
         return self.text.strip()
 
 
-def generate(lm: LoadedModel, stage: StageSpec, tokens: list[int], seed: int, out: Generation) -> Iterator[str]:
-    """Generate from ``tokens`` on a clean cache, yielding text pieces; fills ``out`` as it goes."""
+# A sentinel no prompt contains: private-use code points around a name.
+_FIELD_SENTINEL = "\ue000edge-fslm-field\ue001"
+MIN_PREFIX_TOKENS = 16
+
+
+@dataclass
+class PrefixState:
+    """A stage's fixed prompt prefix, evaluated once and saved as llama.cpp sequence state."""
+
+    tokens: list[int]
+    state: object  # ctypes uint8 array
+    n_bytes: int
+
+
+def static_prefix(lm: LoadedModel, stage: StageSpec) -> str:
+    """The rendered prompt up to its first field: the part every run of this stage shares."""
+    text = render_prompt(lm, stage, {f: _FIELD_SENTINEL for f in stage.reads})
+    cut = text.find(_FIELD_SENTINEL)
+    return text if cut < 0 else text[:cut]
+
+
+def _restore_or_build_prefix(lm: LoadedModel, stage: StageSpec, tokens: list[int]) -> int:
+    """Leave the KV cache holding this stage's saved prefix (building it on first use).
+
+    Returns how many prompt tokens are already evaluated. The cache is keyed by the active
+    adapter too: a prefix computed under one adapter is wrong under another.
+    """
+    import ctypes
+
     import llama_cpp
 
     llm = lm.llm
     lm.clear_kv()
+    if not lm.prefix_cache_enabled:
+        return 0
+    key = (stage.name, lm.active)
+    entry = lm.prefix_cache.get(key)
+    ctx = llm._ctx.ctx
+    if entry is None:
+        prefix = tokenize(lm, static_prefix(lm, stage))
+        n = 0
+        for a, b in zip(prefix, tokens):
+            if a != b:
+                break
+            n += 1
+        n -= 1  # the last prefix token can merge differently with what follows; leave it to the suffix
+        if n < MIN_PREFIX_TOKENS or n >= len(tokens):
+            lm.prefix_cache[key] = PrefixState(tokens=[], state=None, n_bytes=0)  # not worth it; do not retry
+            return 0
+        llm.eval(tokens[:n])
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        if written:
+            lm.prefix_cache[key] = PrefixState(tokens=list(tokens[:n]), state=buf, n_bytes=written)
+        return n
+    n = len(entry.tokens)
+    if not n or n >= len(tokens) or tokens[:n] != entry.tokens:
+        return 0
+    if not llama_cpp.llama_state_seq_set_data(ctx, entry.state, entry.n_bytes, 0):
+        lm.clear_kv()
+        return 0
+    llm.input_ids[:n] = entry.tokens
+    llm.n_tokens = n
+    return n
+
+
+def generate(lm: LoadedModel, stage: StageSpec, tokens: list[int], seed: int, out: Generation) -> Iterator[str]:
+    """Generate from ``tokens``, starting from the stage's saved prefix when there is one.
+
+    ``Llama.generate`` matches the tokens already in the cache against ``tokens`` and
+    evaluates only the rest, so a restored prefix is simply reused. Yields text pieces and
+    fills ``out`` as it goes.
+    """
+    import llama_cpp
+
+    llm = lm.llm
+    out.cached_prompt_tokens = _restore_or_build_prefix(lm, stage, tokens)
     llm.set_seed(seed)
     vocab = lm.vocab
     s = stage.sampling
