@@ -100,6 +100,16 @@ class Footprint:
 
 
 KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 values in 34 bytes
+KV_BLOCK = {"f32": 1, "f16": 1, "q8_0": 32}
+
+
+def effective_kv_type(info: GGUFInfo, requested: str) -> str:
+    """The KV cache type llama.cpp can use for this model: a quantized cache needs head dims
+    divisible by its block size (llama.cpp refuses to create the context otherwise), so such
+    models fall back to f16. The pool and the planner both use this, so they agree."""
+    block = KV_BLOCK[requested]
+    dims = [d for d in (info.head_dim_k, info.head_dim_v) if d]
+    return requested if all(d % block == 0 for d in dims) else "f16"
 
 
 def kv_cache_bytes(info: GGUFInfo, ctx_size: int, kv_cache_type: str = "f16") -> int:
@@ -120,11 +130,11 @@ def footprint(model_id: str, info: GGUFInfo, *, ctx_size: int, batch_size: int,
     return Footprint(
         model=model_id,
         weights=info.tensor_bytes,
-        kv_cache=kv_cache_bytes(info, ctx_size, kv_cache_type),
+        kv_cache=kv_cache_bytes(info, ctx_size, effective_kv_type(info, kv_cache_type)),
         compute=compute_bytes(info, batch_size, ctx_size),
         adapters=sum(a.tensor_bytes for a in adapters or []),
         overhead=MODEL_OVERHEAD + OVERHEAD_PER_VOCAB * (info.n_vocab or 0),
-        prefix_cache=kv_cache_bytes(info, min(prefix_tokens, ctx_size), kv_cache_type),
+        prefix_cache=kv_cache_bytes(info, min(prefix_tokens, ctx_size), effective_kv_type(info, kv_cache_type)),
     )
 
 

@@ -246,8 +246,11 @@ class ModelPool:
         _llama_cpp()
         from llama_cpp import Llama
 
+        from .memory import effective_kv_type
+
         s = self.settings
         set_verbose(s.verbose)
+        kv_type = effective_kv_type(model.info, s.kv_cache_type)
         t0 = time.perf_counter()
         try:
             llm = Llama(
@@ -256,8 +259,8 @@ class ModelPool:
                 n_batch=min(s.batch_size, s.ctx_size),
                 n_ubatch=min(s.batch_size, s.ctx_size),
                 flash_attn=s.flash_attn,
-                type_k=_GGML_TYPES[s.kv_cache_type],
-                type_v=_GGML_TYPES[s.kv_cache_type],
+                type_k=_GGML_TYPES[kv_type],
+                type_v=_GGML_TYPES[kv_type],
                 n_threads=s.threads,
                 n_threads_batch=s.threads,
                 n_gpu_layers=s.gpu_layers,
