@@ -18,6 +18,7 @@ line: ``"<path>: <what is wrong> — <what to do>"``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import stat
 import struct
@@ -849,7 +850,120 @@ def validate_model(path: str | os.PathLike[str]) -> GGUFInfo:
     embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
     if embd not in info.tensors:
         raise _error(p, f"has no {embd} tensor", "pass a complete model file; this one is incomplete")
+    _check_hparams(info)
+    _check_chat_templates(info)
     return info
+
+
+# llama.cpp limits (llama-hparams.h) that gguf-py does not export. LLAMA_MAX_EXPERTS was
+# measured on the llama.cpp in llama-cpp-python 0.3.36: 1024 experts load, 1025 abort.
+_LLAMA_MAX_LAYERS = 512
+_LLAMA_MAX_EXPERTS = 1024
+# llama_rope_scaling_type_from_string; anything else makes llama.cpp abort.
+_ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+
+
+def _check_hparams(info: GGUFInfo) -> None:
+    """Refuse hyperparameters that make llama.cpp *abort* (GGML_ASSERT) rather than fail to load.
+
+    llama.cpp turns most bad metadata into a load error, which the runtime reports. These
+    are the architecture-independent ones that kill the process instead (load_hparams in
+    llama-model.cpp), plus non-finite floats and a negative norm epsilon, which abort at
+    the first decode (ggml's rms_norm asserts eps >= 0).
+    """
+    p, arch = info.path, info.architecture
+    m = _Meta(p, info.metadata, arch)
+    K = gguf.Keys.LLM
+
+    def bad(key_template: str, what: str) -> GGUFError:
+        return _error(p, f"{key_template.format(arch=arch)} {what}", _CORRUPT)
+
+    n_layer = info.n_layer or 0
+    if n_layer > _LLAMA_MAX_LAYERS:
+        raise bad(K.BLOCK_COUNT, f"is {n_layer}; llama.cpp supports at most {_LLAMA_MAX_LAYERS} layers")
+    nextn = m.get_int(K.NEXTN_PREDICT_LAYERS)
+    if nextn is not None and nextn > n_layer:
+        raise bad(K.NEXTN_PREDICT_LAYERS, f"is {nextn}, more than the {n_layer} layers")
+    n_expert = m.get_int(K.EXPERT_COUNT) or 0
+    used = m.get_int(K.EXPERT_USED_COUNT) or 0
+    groups = m.get_int(K.EXPERT_GROUP_COUNT) or 0
+    group_used = m.get_int(K.EXPERT_GROUP_USED_COUNT) or 0
+    if n_expert > _LLAMA_MAX_EXPERTS:
+        raise bad(K.EXPERT_COUNT, f"is {n_expert}; llama.cpp supports at most {_LLAMA_MAX_EXPERTS} experts")
+    if used > n_expert:
+        raise bad(K.EXPERT_USED_COUNT, f"is {used}, more than the {n_expert} experts ({K.EXPERT_COUNT.format(arch=arch)})")
+    if n_expert > 0:
+        if used == 0:
+            raise bad(K.EXPERT_USED_COUNT, f"is missing or 0 but the model has {n_expert} experts")
+        if groups >= n_expert:
+            raise bad(K.EXPERT_GROUP_COUNT, f"is {groups}; it must be less than the {n_expert} experts")
+        if groups > 1 and (n_expert % groups or not 0 < group_used < groups):
+            raise bad(K.EXPERT_GROUP_COUNT, f"is {groups} with {n_expert} experts and {group_used} groups used;"
+                                            " experts must divide into groups and 0 < groups used < groups")
+    elif groups:
+        raise bad(K.EXPERT_GROUP_COUNT, f"is {groups} but the model has no experts")
+    scaling = m.get_str(gguf.Keys.Rope.SCALING_TYPE)
+    if scaling is not None and scaling not in _ROPE_SCALING_TYPES:
+        raise bad(gguf.Keys.Rope.SCALING_TYPE, f"is {_show(scaling)}; llama.cpp knows {', '.join(_ROPE_SCALING_TYPES)}")
+    prefix = arch + "."
+    for key, value in info.metadata.items():
+        if not key.startswith(prefix):
+            continue
+        for x in value if isinstance(value, list) else (value,):
+            if type(x) is not float:
+                continue
+            if not math.isfinite(x):
+                raise _error(p, f"metadata key {_show(key)} is {x}, not a finite number", _CORRUPT)
+            if "epsilon" in key and x < 0:
+                raise _error(p, f"metadata key {_show(key)} is {x}; a norm epsilon must not be negative", _CORRUPT)
+
+
+def _check_chat_templates(info: GGUFInfo) -> None:
+    """Compile (never render) every chat template llama-cpp-python will compile when it loads the model.
+
+    ``Llama()`` builds a Jinja formatter for ``tokenizer.chat_template`` and each
+    ``tokenizer.chat_template.NAME``; one that does not parse raises out of the constructor.
+    The same sandboxed environment is used here, so nothing in the template runs.
+    """
+    keys = [k for k in info.metadata if k == gguf.Keys.Tokenizer.CHAT_TEMPLATE
+            or k.startswith(gguf.Keys.Tokenizer.CHAT_TEMPLATE + ".")]
+    if not keys:
+        return
+    env = _jinja_env()
+    for key in keys:
+        value = info.metadata[key]
+        if isinstance(value, (list, dict)):  # arrays never reach llama-cpp-python's metadata
+            continue
+        try:
+            env.parse(str(value))
+        except Exception as e:  # TemplateSyntaxError, RecursionError on absurd nesting, ...
+            raise _error(info.path, f"chat template {_show(key)} does not parse ({type(e).__name__}: "
+                                    f"{_show(str(e), 120)})",
+                         "fix or remove the template in the GGUF, or use a model with a working one") from None
+
+
+_JINJA_ENV: Any = None
+
+
+def _jinja_env() -> Any:
+    """A sandboxed Jinja environment configured like llama-cpp-python's Jinja2ChatFormatter."""
+    global _JINJA_ENV
+    if _JINJA_ENV is None:
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class _Generation(jinja2.ext.Extension):  # HF's {% generation %} tag, as llama-cpp-python allows
+            tags = {"generation"}
+
+            def parse(self, parser: Any) -> Any:
+                parser.stream.skip(1)
+                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+        _JINJA_ENV = ImmutableSandboxedEnvironment(
+            loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
+            extensions=[_Generation, jinja2.ext.loopcontrols],
+        )
+    return _JINJA_ENV
 
 
 def _lora_parts(name: str) -> tuple[str, str] | None:

@@ -42,6 +42,8 @@ __all__ = [
     "fetch",
     "sha256_file",
     "verify_sha256",
+    "strict_problem",
+    "check_strict",
 ]
 
 PKG_SCHEME = "pkg://"
@@ -542,6 +544,53 @@ def _as_ref(raw_or_ref: str | SourceRef | os.PathLike[str]) -> SourceRef:
     return raw_or_ref if isinstance(raw_or_ref, SourceRef) else parse_source(raw_or_ref)  # type: ignore[arg-type]
 
 
+def strict_problem(raw_or_ref: str | SourceRef, sha256: str | None) -> str | None:
+    """Why *raw_or_ref* is not acceptable in strict mode, or None when it is.
+
+    Strict mode is for stacks someone else wrote: a download must name exact bytes. An
+    ``hf://`` reference needs both a 40-hex commit (a branch or tag can move) and a
+    sha256 (a commit pins the repo, the hash pins the file as it lands on this disk).
+    Local and ``pkg://`` files are whatever is installed here, so strict mode accepts them.
+    """
+    ref = _as_ref(raw_or_ref)
+    if ref.kind != "hf":
+        return None
+    missing = []
+    if not ref.is_pinned:
+        missing.append("a 40-hex commit revision (hf://OWNER/NAME/FILE@<commit>)")
+    if sha256 is None:
+        missing.append('a sha256 = "<64 hex>" next to the source')
+    if not missing:
+        return None
+    return f"{ref.raw}: strict mode refuses an hf:// file without {' and '.join(missing)} — pin it in the manifest"
+
+
+def check_strict(manifest: object) -> None:
+    """Refuse a manifest whose hf:// models or adapters are not pinned by commit and sha256.
+
+    Checks the whole manifest before anything is resolved, so nothing is downloaded, and
+    reports every offending reference on its own line. ``manifest`` is an
+    :class:`edge_fslm.manifest.Manifest` (duck-typed, so this module need not import it).
+    """
+    origin = str(getattr(manifest, "path", None) or getattr(manifest, "name", "<manifest>"))
+    problems: list[str] = []
+    refs = [(f"models.{mid}", spec.source, spec.sha256) for mid, spec in getattr(manifest, "models", {}).items()]
+    refs += [
+        (f"stages ({stage.name}).adapter", stage.adapter.source, stage.adapter.sha256)
+        for stage in getattr(manifest, "stages", ())
+        if getattr(stage, "adapter", None) is not None
+    ]
+    for where, source, sha in refs:
+        try:
+            problem = strict_problem(source, sha)
+        except SourceError as exc:
+            problem = str(exc)
+        if problem:
+            problems.append(f"{origin}: {where}: {problem}")
+    if problems:
+        raise SourceError("\n".join(problems))
+
+
 def _finish(ref: SourceRef, path: Path, sha256: str | None) -> Path:
     if sha256 is not None:
         verify_sha256(path, sha256, ref.raw)
@@ -556,6 +605,7 @@ def resolve(
     offline: bool | None = None,
     allow_absolute: bool = True,
     confine: bool = True,
+    strict: bool = False,
 ) -> Path:
     """Turn a reference into an existing regular file, checking *sha256* when given.
 
@@ -565,11 +615,16 @@ def resolve(
     someone else made. For ``hf://`` a cached copy is used without asking the
     Hub; if none is cached, offline mode (``offline=True``, HF_HUB_OFFLINE, or
     huggingface_hub's own setting) fails with a hint to pull, and otherwise the
-    file is downloaded into the cache.
+    file is downloaded into the cache. ``strict`` refuses an ``hf://`` reference that
+    is not pinned to a commit *and* a sha256 (see :func:`strict_problem`).
     """
     ref = _as_ref(raw_or_ref)
     if sha256 is not None:
         _check_sha256_format(sha256, ref.raw)
+    if strict:
+        problem = strict_problem(ref, sha256)
+        if problem:
+            raise SourceError(problem)
     if ref.kind == "path":
         path = _resolve_path(ref, base_dir, allow_absolute, confine)
     elif ref.kind == "pkg":
@@ -586,6 +641,7 @@ def fetch(
     sha256: str | None = None,
     allow_absolute: bool = True,
     confine: bool = True,
+    strict: bool = False,
 ) -> Path:
     """Like :func:`resolve`, for ``edge-fslm pull``: an ``hf://`` file is downloaded if not cached.
 
@@ -597,5 +653,9 @@ def fetch(
         return resolve(ref, base_dir=base_dir, sha256=sha256, allow_absolute=allow_absolute, confine=confine)
     if sha256 is not None:
         _check_sha256_format(sha256, ref.raw)
+    if strict:
+        problem = strict_problem(ref, sha256)
+        if problem:
+            raise SourceError(problem)
     path = _resolve_hf(ref, offline=_hf_offline_env(), cache_first=False, pulling=True)
     return _finish(ref, path, sha256)

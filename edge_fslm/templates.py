@@ -38,6 +38,13 @@ class Template:
         return "".join(out)
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """A piece of a template as it may appear in a one-line message."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def parse_template(source: str) -> Template:
     """Parse ``source``; refuse attribute/index access, conversions and format specs."""
     try:
@@ -49,7 +56,7 @@ def parse_template(source: str) -> Template:
         if field is None:
             parts.append((literal, None))
             continue
-        shown = "{" + field + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
+        shown = _short("{" + field + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}")
         if field == "":
             raise TemplateSyntaxError(f"empty field {shown} — name a field, e.g. {{input}}")
         if any(c in field for c in ".[]"):
@@ -58,7 +65,7 @@ def parse_template(source: str) -> Template:
                 " — use a plain {input} or {stage_name}"
             )
         if conversion or spec:
-            raise TemplateSyntaxError(f"field {shown} has a conversion or format spec — use a plain {{{field}}}")
+            raise TemplateSyntaxError(f"field {shown} has a conversion or format spec — use a plain {{{_short(field)}}}")
         if not FIELD_NAME.match(field):
             raise TemplateSyntaxError(f"field {shown} is not a valid name — use letters, digits, '_' or '-'")
         parts.append((literal, field))

