@@ -10,6 +10,7 @@ results they would get calling one after another. For parallel throughput, load 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,6 +18,7 @@ from typing import Callable, Iterator
 import psutil
 
 from . import gguf_info, sources
+from .errors import SourceError
 from .manifest import Manifest, StageSpec, load_stack
 from .memory import Plan, StageRow, footprint, parse_budget, plan_residency, process_baseline, require_fit
 from .pipeline import Pipeline, RunResult, StageTrace
@@ -29,19 +31,28 @@ def default_threads() -> int:
     return max(1, psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
 
 
+def _with_field(manifest: Manifest, field: str, resolve):
+    """Run ``resolve``; a SourceError gains the manifest and field it came from."""
+    try:
+        return resolve()
+    except SourceError as exc:
+        where = manifest.path or f"<built-in {manifest.name}>"
+        raise SourceError(f"{where}: {field}: {exc}") from None
+
+
 def resolve_models(manifest: Manifest, *, offline: bool | None = None) -> dict[str, ResolvedModel]:
     """Find, hash-check and validate every model the stack's stages use."""
     used = {s.model for s in manifest.stages}
     out: dict[str, ResolvedModel] = {}
     for mid in sorted(used):
         spec = manifest.models[mid]
-        path = sources.resolve(
+        path = _with_field(manifest, f"models.{mid}.source", lambda: sources.resolve(
             spec.source,
             base_dir=manifest.base_dir,
             sha256=spec.sha256,
             offline=offline,
             allow_absolute=manifest.trusted,
-        )
+        ))
         out[mid] = ResolvedModel(id=mid, path=Path(path), info=gguf_info.validate_model(path))
     return out
 
@@ -54,13 +65,13 @@ def resolve_adapters(
     for stage in manifest.stages:
         if stage.adapter is None:
             continue
-        path = sources.resolve(
+        path = _with_field(manifest, f"stage {stage.name}: adapter", lambda: sources.resolve(
             stage.adapter.source,
             base_dir=manifest.base_dir,
             sha256=stage.adapter.sha256,
             offline=offline,
             allow_absolute=manifest.trusted,
-        )
+        ))
         info = gguf_info.validate_adapter(path, models[stage.model].info)
         out[stage.name] = ResolvedAdapter(path=Path(path), info=info, scale=stage.adapter.scale)
     return out
@@ -115,10 +126,16 @@ def prepare_stack(
     budget: str | int | None = None,
     policy: str | None = None,
     offline: bool | None = None,
+    strict: bool = False,
     **runtime: object,
 ) -> tuple[Manifest, dict[str, ResolvedModel], dict[str, ResolvedAdapter], Plan]:
-    """Everything up to loading: manifest, overrides, resolved files, and the residency plan."""
+    """Everything up to loading: manifest, overrides, resolved files, and the residency plan.
+
+    ``strict`` refuses hf:// models and adapters not pinned to a commit and a sha256.
+    """
     manifest = load_stack(stack)
+    if strict:
+        sources.check_strict(manifest)
     stage_overrides = {k: runtime.pop(k) for k in ("max_tokens", "temperature") if k in runtime}
     manifest = manifest.with_runtime(**runtime)
     manifest = manifest.with_stage_overrides(**stage_overrides)
@@ -175,6 +192,7 @@ class Stack:
         budget: str | int | None = None,
         policy: str | None = None,
         offline: bool | None = None,
+        strict: bool = False,
         verbose: bool = False,
         measure_rss: bool = True,
         preload: bool = True,
@@ -187,7 +205,7 @@ class Stack:
         BudgetError. With ``preload`` the resident models are loaded now too.
         """
         manifest, models, adapters, plan = prepare_stack(
-            stack, budget=budget, policy=policy, offline=offline, ctx_size=ctx_size, threads=threads,
+            stack, budget=budget, policy=policy, offline=offline, strict=strict, ctx_size=ctx_size, threads=threads,
             batch_size=batch_size, gpu_layers=gpu_layers, mmap=mmap, seed=seed, max_tokens=max_tokens,
             temperature=temperature,
         )
@@ -223,7 +241,7 @@ class Stack:
         prompt: str,
         truncate: bool,
         on_stage_end: Callable[[StageTrace], None] | None,
-        holder: StreamingRun | None,
+        holder: "weakref.ref[StreamingRun] | None",
         on_stage_start: Callable[[StageSpec], None] | None = None,
     ) -> Iterator[str]:
         with self._lock:
@@ -242,8 +260,9 @@ class Stack:
             if self.plan is not None:
                 result.predicted_peak_rss_bytes = self.plan.predicted_peak
                 result.extra["budget_bytes"] = self.plan.budget
-            if holder is not None:
-                holder.result = result
+            h = holder() if holder is not None else None
+            if h is not None:
+                h.result = result
             return result
 
     def run(
@@ -267,7 +286,9 @@ class Stack:
     ) -> StreamingRun:
         """Like :meth:`run`, but yields the final stage's text as it is generated."""
         holder = StreamingRun(iter(()))
-        holder._gen = self._execute(prompt, truncate, on_stage_end, holder)
+        # a weak reference: the generator must not keep its StreamingRun alive, or an abandoned
+        # stream would hold the stack's lock until the garbage collector breaks the cycle
+        holder._gen = self._execute(prompt, truncate, on_stage_end, weakref.ref(holder))
         return holder
 
     # -- lifetime ------------------------------------------------------------------

@@ -78,6 +78,8 @@ def _runtime_options(f):
         click.option("--policy", type=click.Choice(["auto", "all", "lru", "sequential", "shared-base"]),
                      help="Residency policy (default: the planner chooses)."),
         click.option("--offline/--online", default=None, help="Never touch the network for hf:// models (HF_HUB_OFFLINE)."),
+        click.option("--strict", is_flag=True,
+                     help="Refuse hf:// models/adapters not pinned to a 40-hex commit and a sha256."),
         click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
     ]
     for opt in reversed(opts):
@@ -97,8 +99,8 @@ def _runtime_options(f):
               help="Batch mode: a JSONL file of {\"id\", \"prompt\"} lines, run stage-major.")
 @click.option("--output", "-o", "output_path", type=click.Path(dir_okay=False),
               help="Batch mode: results JSONL, appended as prompts finish; re-run to resume.")
-def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, verbose, max_tokens, temperature,
-        trace, as_json, truncate, input_path, output_path):
+def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, strict, verbose, max_tokens,
+        temperature, trace, as_json, truncate, input_path, output_path):
     """Run PROMPT through a stack and print the answer ('-' reads stdin).
 
     With --input and --output, run a whole file of prompts stage-major (stage 1 for every
@@ -113,12 +115,12 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offl
             raise click.UsageError("give either a PROMPT or --input, not both")
         _run_batch(stack, input_path, output_path, truncate, verbose,
                    dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
-                        temperature=temperature, budget=budget, policy=policy, offline=offline))
+                        temperature=temperature, budget=budget, policy=policy, offline=offline, strict=strict))
         return
     text = _read_prompt(prompt)
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed,
                     max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
-                    verbose=verbose, preload=False) as st:  # load inside the run, so the trace shows what loading cost
+                    strict=strict, verbose=verbose, preload=False) as st:  # load inside the run, so the trace shows what loading cost
         on_end = _print_trace if trace and not as_json else None
         if as_json:
             result = st.run(text, truncate=truncate)
@@ -184,8 +186,9 @@ def _run_batch(stack, input_path, output_path, truncate, verbose, options) -> No
 @click.option("--batch-size", type=int, help="Batch size in tokens (compute memory grows with it).")
 @click.option("--policy", type=click.Choice(["auto", "all", "lru", "sequential", "shared-base"]))
 @click.option("--offline/--online", default=None)
+@click.option("--strict", is_flag=True, help="Refuse hf:// sources not pinned to a commit and a sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plan(stack, budget, ctx_size, batch_size, policy, offline, as_json):
+def plan(stack, budget, ctx_size, batch_size, policy, offline, strict, as_json):
     """Predict a stack's memory and choose a residency policy, before loading anything.
 
     Exits 2 when no policy fits the budget.
@@ -193,7 +196,7 @@ def plan(stack, budget, ctx_size, batch_size, policy, offline, as_json):
     from .api import prepare_stack
     from .memory import require_fit
 
-    _, _, _, p = prepare_stack(stack, budget=budget, policy=policy, offline=offline, ctx_size=ctx_size,
+    _, _, _, p = prepare_stack(stack, budget=budget, policy=policy, offline=offline, strict=strict, ctx_size=ctx_size,
                                batch_size=batch_size)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
@@ -210,8 +213,8 @@ def plan(stack, budget, ctx_size, batch_size, policy, offline, as_json):
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False),
               help="Draw the RSS timeline and latency breakdown to a PNG (needs the [plot] extra).")
-def profile(stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, verbose, prompts_file, max_tokens,
-            output, plot):
+def profile(stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, strict, verbose, prompts_file,
+            max_tokens, output, plot):
     """Profile a stack: per-stage load, swap, TTFT, tokens/s, peak RSS, and an RSS timeline."""
     from .api import Stack
     from .profiler import format_report, plot_report, profile_stack, read_prompts
@@ -223,7 +226,7 @@ def profile(stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline,
         except ImportError:
             raise click.UsageError("--plot needs matplotlib: pip install 'edge-fslm[plot]'") from None
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
-                    budget=budget, policy=policy, offline=offline, verbose=verbose, preload=False,
+                    budget=budget, policy=policy, offline=offline, strict=strict, verbose=verbose, preload=False,
                     measure_rss=False) as st:
         report = profile_stack(st, prompts)
     click.echo(format_report(report))
@@ -276,16 +279,19 @@ def inspect(file, as_json):
 
 @main.command()
 @click.argument("stack", default="fslm-smollm2")
-def pull(stack):
+@click.option("--strict", is_flag=True, help="Refuse hf:// sources not pinned to a commit and a sha256.")
+def pull(stack, strict):
     """Fetch every model and adapter STACK needs into the local cache (needs a network for hf://)."""
     from . import sources
     from .manifest import load_stack
 
     m = load_stack(stack)
+    if strict:
+        sources.check_strict(m)
     refs = [(f"model {k}", v.source, v.sha256) for k, v in m.models.items()]
     refs += [(f"adapter of {s.name}", s.adapter.source, s.adapter.sha256) for s in m.stages if s.adapter]
     for label, ref, sha in refs:
-        path = sources.fetch(ref, base_dir=m.base_dir, sha256=sha)
+        path = sources.fetch(ref, base_dir=m.base_dir, sha256=sha, allow_absolute=m.trusted)
         click.echo(f"{label}: {path}")
     click.echo(f"{m.name}: {len(refs)} files ready")
 

@@ -95,6 +95,13 @@ def clean_prompt(prompt: str) -> str:
     """Refuse empty prompts; drop control characters other than tab and newlines."""
     if not isinstance(prompt, str):
         raise PromptError(f"prompt must be text, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates: bytes that were not UTF-8 on the command line
+        raise PromptError(
+            f"prompt is not valid text (lone surrogate at character {exc.start}, e.g. bytes that are not UTF-8"
+            " on the command line) — pass the prompt as UTF-8"
+        ) from None
     cleaned = "".join(c for c in prompt if c in "\t\n\r" or not (ord(c) < 32 or 127 <= ord(c) < 160))
     if not cleaned.strip():
         raise PromptError("prompt is empty — give the request as text")

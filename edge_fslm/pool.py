@@ -110,6 +110,8 @@ def _llama_cpp():
     # reads this once, when it is loaded, so it must be set before llama_cpp is imported;
     # a value the user set wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # On an abort, ggml forks gdb for a backtrace; an orphaned gdb can hang the caller's pipeline.
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     import llama_cpp  # deferred: importing it costs ~0.1 s and `inspect`/`plan` never need it
 
     if _LOG["callback"] is None:
@@ -268,7 +270,7 @@ class ModelPool:
                 seed=s.seed,
                 verbose=s.verbose,
             )
-        except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp returns NULL
+        except (ValueError, RuntimeError, UnicodeDecodeError) as exc:  # llama-cpp-python: ValueError on NULL
             raise GGUFError(
                 f"{model.path}: llama.cpp could not load this model ({exc}) — run with -v for llama.cpp's log"
             ) from None

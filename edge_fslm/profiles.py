@@ -38,11 +38,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from .convert.quantize import QUANT_TYPES
 from .errors import BudgetError, ManifestError
 from .manifest import MAX_CTX, NAME, POLICIES
@@ -173,10 +168,9 @@ def _load_file(p: Path) -> Profile:
 def parse_profile(text: str, *, origin: str = "<profile>", default_name: str = "custom",
                   builtin: bool = False) -> Profile:
     """Parse and validate profile TOML; one ManifestError lists every problem."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ManifestError(f"{origin}: not valid TOML: {exc}") from None
+    from .manifest import load_toml  # bounded: nesting, dotted keys and size are checked first
+
+    doc = load_toml(text, origin)
     problems: list[str] = []
 
     def err(where: str, msg: str) -> None:

@@ -105,9 +105,6 @@ def test_closed_stream_releases_the_stack(stack):
     assert done.wait(60), "the next run waited on a lock held by a closed stream"
 
 
-@pytest.mark.xfail(strict=True, reason="api.Stack.stream: the generator references its StreamingRun, a cycle that "
-                   "only the cyclic GC breaks; until then an abandoned stream holds the stack's lock and every other "
-                   "thread blocks. Fix in the reliability report (pass a weakref to _execute).")
 def test_abandoned_stream_does_not_deadlock(stack):
     s = stack.stream(PROMPTS[0])
     next(iter(s), None)

@@ -110,8 +110,6 @@ def test_strict_resolve_refuses_before_touching_the_network(monkeypatch, tmp_pat
         sources.resolve(f"hf://owner/repo/model.gguf@{COMMIT}", sha256=SHA, strict=True, offline=True)
 
 
-@pytest.mark.xfail(strict=True, reason="needs `--strict` in cli.py and `strict` in api.Stack.load/prepare_stack "
-                   "(exact lines in the reliability report)")
 def test_cli_strict_flag(tmp_path):
     m = tmp_path / "s.toml"
     m.write_text('[stack]\nname = "s"\n[models.m]\nsource = "hf://owner/repo/model.gguf"\n'

@@ -176,8 +176,6 @@ def test_a_stack_folder_can_run_its_own_model(tmp_path, smollm2_path):
     assert proc.returncode == 0, proc.err
 
 
-@pytest.mark.xfail(strict=True, reason="cli.pull calls sources.fetch without allow_absolute=m.trusted, so a stack "
-                   "folder's absolute paths are accepted by `edge-fslm pull` (fix in the reliability report)")
 def test_pull_respects_stack_folder_confinement(tmp_path):
     d = tmp_path / "pulled"
     d.mkdir()

@@ -85,8 +85,6 @@ def test_cli_megabyte_prompt(manifest):
     assert proc.seconds < 60, f"truncating 1 MB took {proc.seconds:.1f} s"
 
 
-@pytest.mark.xfail(strict=True, reason="needs the pipeline.clean_prompt change in the reliability report: a prompt "
-                   "with lone surrogates (invalid UTF-8 in argv) must be a PromptError, not UnicodeEncodeError")
 def test_cli_invalid_utf8_in_argv(manifest):
     import os
     import subprocess
@@ -148,7 +146,6 @@ def test_api_unicode_edge_cases(stack):
         assert r.stages[0].completion_tokens <= 4
 
 
-@pytest.mark.xfail(strict=True, reason="needs the pipeline.clean_prompt change in the reliability report")
 def test_api_lone_surrogate_is_a_prompt_error(stack):
     with pytest.raises(PromptError):
         stack.run("caf\udce9")
