@@ -32,7 +32,6 @@ line each, as :class:`~edge_fslm.errors.ManifestError`.
 from __future__ import annotations
 
 import difflib
-import sys
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
