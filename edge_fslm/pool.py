@@ -103,13 +103,6 @@ _GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids, as llama.cpp's -
 
 
 def _llama_cpp():
-    # llama.cpp's CPU backend uses OpenMP. By default its threads *spin* at every barrier,
-    # so when anything else wants a core (the app embedding us, another process) a stage
-    # slows down by more than 10x: measured 74 s vs 4.8 s for the default stack on a
-    # loaded 2-core machine. Passive waiting costs little when the CPU is idle. libgomp
-    # reads this once, when it is loaded, so it must be set before llama_cpp is imported;
-    # a value the user set wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # On an abort, ggml forks gdb for a backtrace; an orphaned gdb can hang the caller's pipeline.
     os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     import llama_cpp  # deferred: importing it costs ~0.1 s and `inspect`/`plan` never need it
