@@ -88,28 +88,9 @@ def stack_file(folder: Path, name: str, adapters: dict[str, Path] | None = None,
 
 
 def mixed_file(folder: Path, smol: Path, gemma: Path) -> Path:
-    p = folder / "mixed.toml"
-    p.write_text(f"""
-[stack]
-name = "mixed"
-[models.smol]
-source = "{smol}"
-[models.gemma]
-source = "{gemma}"
-[[stages]]
-name = "keywords"
-model = "smol"
-max_tokens = 16
-stop = ["\\n"]
-messages = [{{ role = "user", content = "List the key concepts of this request, comma-separated: {{input}}" }}]
-[[stages]]
-name = "answer"
-model = "gemma"
-max_tokens = 32
-stop = ["\\n\\n"]
-template = "Key concepts: {{keywords}}\\nQuestion: {{input}}\\nAnswer:"
-""")
-    return p
+    from edge_fslm.devtools import write_two_model_stack
+
+    return write_two_model_stack(folder, smol, gemma)
 
 
 def budget_runs(manifest: Path, ctx: int, budget: int, n: int) -> dict:

@@ -56,3 +56,33 @@ def write_random_lora(
     writer.close()
     os.replace(tmp, out)
     return out
+
+
+def write_two_model_stack(
+    folder: str | os.PathLike, first: str | os.PathLike, second: str | os.PathLike, *,
+    keywords_tokens: int = 16, answer_tokens: int = 32, name: str = "mixed.toml",
+) -> Path:
+    """A two-stage stack on two different base models (e.g. SmolLM2 then Gemma 3), so the
+    multi-model residency policies (all, lru, sequential) can be exercised on real files."""
+    path = Path(folder) / name
+    path.write_text(f"""
+[stack]
+name = "mixed"
+[models.smol]
+source = "{first}"
+[models.gemma]
+source = "{second}"
+[[stages]]
+name = "keywords"
+model = "smol"
+max_tokens = {keywords_tokens}
+stop = ["\\n"]
+messages = [{{ role = "user", content = "List the key concepts of this request, comma-separated: {{input}}" }}]
+[[stages]]
+name = "answer"
+model = "gemma"
+max_tokens = {answer_tokens}
+stop = ["\\n\\n"]
+template = "Key concepts: {{keywords}}\\nQuestion: {{input}}\\nAnswer:"
+""", encoding="utf-8")
+    return path

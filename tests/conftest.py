@@ -55,24 +55,7 @@ def write_manifest(folder: Path, text: str, name: str = "stack.toml") -> Path:
 @pytest.fixture(scope="session")
 def mixed_manifest(tmp_path_factory, smollm2_path, gemma_path) -> str:
     """Two real base models: SmolLM2 for the first stage, Gemma 3 for the second."""
+    from edge_fslm.devtools import write_two_model_stack
+
     folder = tmp_path_factory.mktemp("mixed")
-    return str(write_manifest(folder, f"""
-[stack]
-name = "mixed"
-[models.smol]
-source = "{smollm2_path}"
-[models.gemma]
-source = "{gemma_path}"
-[[stages]]
-name = "keywords"
-model = "smol"
-max_tokens = 12
-stop = ["\\n"]
-messages = [{{ role = "user", content = "List the key concepts of this request, comma-separated: {{input}}" }}]
-[[stages]]
-name = "answer"
-model = "gemma"
-max_tokens = 16
-stop = ["\\n\\n"]
-template = "Key concepts: {{keywords}}\\nQuestion: {{input}}\\nAnswer:"
-""", name="mixed.toml"))
+    return str(write_two_model_stack(folder, smollm2_path, gemma_path, keywords_tokens=12, answer_tokens=16))
