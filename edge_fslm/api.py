@@ -121,7 +121,7 @@ def make_plan(
 
 
 def prepare_stack(
-    stack: str | Path,
+    stack: str | Path | Manifest,
     *,
     budget: str | int | None = None,
     policy: str | None = None,
@@ -133,7 +133,7 @@ def prepare_stack(
 
     ``strict`` refuses hf:// models and adapters not pinned to a commit and a sha256.
     """
-    manifest = load_stack(stack)
+    manifest = stack if isinstance(stack, Manifest) else load_stack(stack)
     if strict:
         sources.check_strict(manifest)
     stage_overrides = {k: runtime.pop(k) for k in ("max_tokens", "temperature") if k in runtime}
@@ -179,7 +179,7 @@ class Stack:
     @classmethod
     def load(
         cls,
-        stack: str | Path = "fslm-smollm2",
+        stack: str | Path | Manifest = "fslm-smollm2",
         *,
         ctx_size: int | None = None,
         threads: int | None = None,

@@ -298,7 +298,9 @@ def pull(stack, strict):
 
 from .convert.cli import build, convert, convert_lora, profiles, quantize  # noqa: E402  (commands import lazily)
 
-for _cmd in (convert, convert_lora, quantize, build, profiles):
+from .train_cli import distill, finetune, train_recipe  # noqa: E402
+
+for _cmd in (convert, convert_lora, quantize, build, profiles, distill, finetune, train_recipe):
     main.add_command(_cmd)
 
 

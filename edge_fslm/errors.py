@@ -32,3 +32,7 @@ class BudgetError(EdgeFSLMError):
 
 class PromptError(EdgeFSLMError):
     """A prompt that cannot be run: empty, not UTF-8, longer than the context."""
+
+
+class DataError(EdgeFSLMError):
+    """A training or evaluation data file that cannot be read, or an output folder made for other inputs."""

@@ -228,7 +228,10 @@ def load_builtin(name: str) -> Manifest:
     res = folder / f"{name}.toml"
     if not res.is_file():
         raise ManifestError(f"no built-in stack named '{name}' — built-in stacks: {', '.join(builtin_names())}")
-    return parse_manifest(res.read_text(encoding="utf-8"), origin=f"<built-in {name}>", trusted=True, builtin=True)
+    # a built-in stack's relative paths (its shipped adapters) are read from the package folder
+    base = Path(str(folder)) if isinstance(folder, Path) or Path(str(folder)).is_dir() else None
+    return parse_manifest(res.read_text(encoding="utf-8"), origin=f"<built-in {name}>", base_dir=base,
+                          trusted=True, builtin=True)
 
 
 def load_stack(name_or_path: str | Path) -> Manifest:

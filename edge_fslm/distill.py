@@ -1,0 +1,186 @@
+"""Distillation: per-stage training data from a teacher model.
+
+The teacher (any local GGUF) runs the source stack's own stage prompts on each request,
+so the intermediate stages' targets are the teacher's notes; the final stage's target is
+the dataset's gold answer, conditioned on those notes. Every finished request is one
+fsynced line in ``distill.jsonl``, so a killed run resumes where it stopped without
+losing or repeating a row; the per-stage files are rewritten from it at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .datasets import Example, load_examples
+from . import sources
+from .errors import DataError
+from .manifest import Manifest, ModelSpec, load_stack
+
+ROWS_FILE = "distill.jsonl"
+META_FILE = "distill.meta.json"
+
+Progress = Callable[[int, int], None]  # (rows done, rows total)
+
+
+@dataclass
+class DistillReport:
+    """What one distill call did."""
+
+    out_dir: Path
+    rows_total: int
+    rows_done_before: int
+    rows_written: int
+    seconds: float
+    stage_files: dict[str, Path] = field(default_factory=dict)
+    empty_notes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["out_dir"] = str(self.out_dir)
+        d["stage_files"] = {k: str(v) for k, v in self.stage_files.items()}
+        return d
+
+
+def teacher_manifest(manifest: Manifest, teacher: str | Path) -> Manifest:
+    """The source stack with every stage run by the teacher and no adapters."""
+    spec = ModelSpec(id="teacher", source=str(Path(teacher).expanduser().resolve()))
+    stages = tuple(replace(s, model="teacher", adapter=None) for s in manifest.stages)
+    return replace(manifest, models={"teacher": spec}, stages=stages, name=f"{manifest.name}+teacher")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The complete rows of a JSONL file; a torn last line (a killed write) is cut off the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    rows = []
+    for n, line in enumerate(data[:end].splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}: line {n} is not JSON — the file was edited; move it away to start over") from None
+    return rows
+
+
+def _check_meta(out_dir: Path, meta: dict) -> None:
+    """A resumed run must use the same stack, teacher and data, or its rows would mix."""
+    p = out_dir / META_FILE
+    if p.is_file():
+        old = json.loads(p.read_text(encoding="utf-8"))
+        for key in ("stack", "teacher_sha256", "stages", "data"):
+            if old.get(key) != meta.get(key):
+                raise DataError(f"{out_dir}: was distilled with a different {key} ({old.get(key)!r}) — "
+                                "pass a new -o folder, or delete this one to start over")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, p)
+
+
+def write_stage_files(out_dir: Path, stage_names: list[str], rows: Iterable[dict]) -> tuple[dict[str, Path], dict[str, int]]:
+    """One JSONL per stage: the values its prompt may read (input and earlier notes) and its target."""
+    rows = list(rows)
+    files: dict[str, Path] = {}
+    empty: dict[str, int] = {}
+    last = len(stage_names) - 1
+    for i, name in enumerate(stage_names):
+        path = out_dir / f"{name}.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        empty[name] = 0
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                values = {"input": r["input"], **{n: r["notes"][n] for n in stage_names[:i]}}
+                target = r["output"] if i == last else r["notes"][name]
+                if not target.strip():
+                    empty[name] += 1
+                f.write(json.dumps({"id": r["id"], "values": values, "output": target}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        files[name] = path
+    return files, empty
+
+
+def distill(
+    stack: str | Path | Manifest,
+    data: list[tuple[str | Path, int | None]],
+    teacher: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str = "train",
+    threads: int | None = None,
+    ctx_size: int | None = None,
+    progress: Progress | None = None,
+) -> DistillReport:
+    """Write ``out_dir/<stage>.jsonl`` for every stage of ``stack``, resuming a partial run.
+
+    ``data`` lists (file, limit) pairs: Alpaca .json files (their ``split``) and ARC .jsonl
+    files (the correct choice as the gold answer); ``limit`` keeps each file's first rows.
+    """
+    from .api import Stack  # llama.cpp is only needed once there is work to do
+
+    t0 = time.perf_counter()
+    manifest = stack if isinstance(stack, Manifest) else load_stack(stack)
+    teacher_path = sources.resolve(str(teacher), confine=False)  # a path, pkg:// or a cached hf:// file
+    examples: list[Example] = []
+    for path, limit in data:
+        rows = load_examples(path, split)
+        examples.extend(rows[:limit] if limit else rows)
+    ids = [e.id for e in examples]
+    if len(set(ids)) != len(ids):
+        raise DataError("the same data file is given twice — pass each file once")
+    out = Path(out_dir).expanduser()
+    stage_names = [s.name for s in manifest.stages]
+    meta = {
+        "stack": manifest.name,
+        "stages": stage_names,
+        "teacher": teacher_path.name,
+        "teacher_sha256": sources.sha256_file(teacher_path),
+        "data": [[Path(p).name, limit] for p, limit in data],
+        "split": split,
+    }
+    _check_meta(out, meta)
+    rows_path = out / ROWS_FILE
+    done_rows = read_rows(rows_path)
+    done = {r["id"] for r in done_rows}
+    todo = [e for e in examples if e.id not in done]
+    report = DistillReport(out_dir=out, rows_total=len(examples), rows_done_before=len(done), rows_written=0, seconds=0.0)
+    if progress:
+        progress(len(done), len(examples))
+    if todo:
+        with Stack.load(teacher_manifest(manifest, teacher_path), threads=threads, ctx_size=ctx_size,
+                        measure_rss=False) as st, open(rows_path, "a", encoding="utf-8") as f:
+            pipe = st.pipeline
+            for n, ex in enumerate(todo, 1):
+                values = {"input": ex.input}
+                for i in range(len(stage_names) - 1):
+                    gen = pipe.run_stage(i, values, truncate=True)
+                    while True:
+                        try:
+                            next(gen)
+                        except StopIteration as stop:
+                            values[stage_names[i]] = stop.value.output
+                            break
+                row = {"id": ex.id, "input": ex.input,
+                       "notes": {k: v for k, v in values.items() if k != "input"}, "output": ex.output}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                done_rows.append(row)
+                report.rows_written += 1
+                if progress:
+                    progress(len(done) + n, len(examples))
+    order = {i: k for k, i in enumerate(ids)}
+    kept = sorted((r for r in done_rows if r["id"] in order), key=lambda r: order[r["id"]])
+    report.stage_files, report.empty_notes = write_stage_files(out, stage_names, kept)
+    report.seconds = time.perf_counter() - t0
+    return report
