@@ -303,6 +303,10 @@ from .train_cli import distill, finetune, train_recipe  # noqa: E402
 for _cmd in (convert, convert_lora, quantize, build, profiles, distill, finetune, train_recipe):
     main.add_command(_cmd)
 
+from .eval_cli import eval_group  # noqa: E402
+
+main.add_command(eval_group)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
