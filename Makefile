@@ -7,9 +7,10 @@ PROMPT ?= Why is the sky blue?
 install:
 	scripts/install.sh
 
-# the converter's tests need the [train] extra (torch==2.13.0 CPU, transformers, peft)
+# the converter's and the training loop's tests need the [train] extra (torch==2.13.0 CPU,
+# transformers, peft); the lm-evaluation-harness adapter's tests need [eval]
 install-test:
-	scripts/install.sh test,train
+	scripts/install.sh test,train,eval
 
 run: install
 	$(VENV)/bin/edge-fslm run "$(PROMPT)"

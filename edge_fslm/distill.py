@@ -9,12 +9,14 @@ losing or repeating a row; the per-stage files are rewritten from it at the end.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .datasets import Example, load_examples
 from . import sources
@@ -51,6 +53,21 @@ def teacher_manifest(manifest: Manifest, teacher: str | Path) -> Manifest:
     spec = ModelSpec(id="teacher", source=str(Path(teacher).expanduser().resolve()))
     stages = tuple(replace(s, model="teacher", adapter=None) for s in manifest.stages)
     return replace(manifest, models={"teacher": spec}, stages=stages, name=f"{manifest.name}+teacher")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` so two runs never append to the same files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{folder}: another {what} is writing to this folder — wait for it, or stop it first") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -126,8 +143,6 @@ def distill(
     ``data`` lists (file, limit) pairs: Alpaca .json files (their ``split``) and ARC .jsonl
     files (the correct choice as the gold answer); ``limit`` keeps each file's first rows.
     """
-    from .api import Stack  # llama.cpp is only needed once there is work to do
-
     t0 = time.perf_counter()
     manifest = stack if isinstance(stack, Manifest) else load_stack(stack)
     teacher_path = sources.resolve(str(teacher), confine=False)  # a path, pkg:// or a cached hf:// file
@@ -148,6 +163,14 @@ def distill(
         "data": [[Path(p).name, limit] for p, limit in data],
         "split": split,
     }
+    with folder_lock(out, "distill"):
+        return _distill_locked(manifest, examples, ids, teacher_path, out, meta, threads, ctx_size, progress, t0)
+
+
+def _distill_locked(manifest, examples, ids, teacher_path, out, meta, threads, ctx_size, progress, t0) -> DistillReport:
+    from .api import Stack  # llama.cpp is only needed once there is work to do
+
+    stage_names = [s.name for s in manifest.stages]
     _check_meta(out, meta)
     rows_path = out / ROWS_FILE
     done_rows = read_rows(rows_path)
@@ -180,7 +203,8 @@ def distill(
                 if progress:
                     progress(len(done) + n, len(examples))
     order = {i: k for k, i in enumerate(ids)}
-    kept = sorted((r for r in done_rows if r["id"] in order), key=lambda r: order[r["id"]])
+    unique = {r["id"]: r for r in reversed(done_rows) if r["id"] in order}  # the first copy of each id wins
+    kept = sorted(unique.values(), key=lambda r: order[r["id"]])
     report.stage_files, report.empty_notes = write_stage_files(out, stage_names, kept)
     report.seconds = time.perf_counter() - t0
     return report

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import gguf_info, sources
-from .distill import read_rows
+from .distill import folder_lock, read_rows
 from .errors import DataError, EdgeFSLMError
 from .manifest import Manifest, StageSpec, load_stack
 
@@ -100,6 +100,17 @@ def require_train_extra() -> None:
 # --------------------------------------------------------------------------- the base
 
 
+def _quiet_transformers() -> None:
+    """Our own log lines say what is happening; transformers' progress bars and warnings would bury them."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def hf_base(gguf_path: Path, cache_dir: Path | None = None, log: Log | None = None) -> Path:
     """A float HF checkpoint of a GGUF base, dequantized by transformers once and cached by sha256.
 
@@ -115,10 +126,8 @@ def hf_base(gguf_path: Path, cache_dir: Path | None = None, log: Log | None = No
     if log:
         log(f"dequantizing {gguf_path.name} into a float HF checkpoint (once; cached in {out})")
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    _quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -255,6 +264,7 @@ def train_stage(
         raise DataError(f"{work}: was trained with other settings — pass a new -o folder, or delete {work} to retrain")
 
     t0 = time.perf_counter()
+    _quiet_transformers()
     if config.threads:
         torch.set_num_threads(config.threads)
     examples, too_long, empty = encode_stage_rows(lm, stage, rows, config.seq_len)
@@ -292,6 +302,7 @@ def train_stage(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     model.train()
+    setup_seconds = time.perf_counter() - t0  # tokenizing, loading the base, restoring a checkpoint
     log_path = work / "train_log.jsonl"
     rows_epoch = pack(examples, config.seq_len, pad_id, config.seed, state["epoch"])
     with open(log_path, "a", encoding="utf-8") as logf:
@@ -338,7 +349,7 @@ def train_stage(
     result = StageResult(
         stage=stage.name, adapter=gguf_out, examples=len(examples), skipped_too_long=too_long,
         skipped_empty=empty, steps=state["step"], target_tokens=state["target_tokens"], tokens=state["tokens"],
-        seconds=round(state["seconds"] + (time.perf_counter() - t0 if resumed_from == 0 else 0.0), 1),
+        seconds=round(state["seconds"] + setup_seconds, 1),  # every step's wall time (across resumes) + this run's setup
         first_loss=round(sum(losses[:5]) / max(1, len(losses[:5])), 4),
         last_loss=round(sum(losses[-5:]) / max(1, len(losses[-5:])), 4),
         resumed_from=resumed_from, config=asdict(config),
@@ -386,7 +397,7 @@ def finetune(
         if not (data / f"{name}.jsonl").is_file():
             raise DataError(f"{data / (name + '.jsonl')}: missing — run `edge-fslm distill` into {data} first")
     results: list[StageResult] = []
-    with Stack.load(bare, measure_rss=False, ctx_size=max(2048, config.seq_len * 2)) as st:
+    with folder_lock(out, "finetune"), Stack.load(bare, measure_rss=False, ctx_size=max(2048, config.seq_len * 2)) as st:
         model = next(iter(st.pipeline.models.values()))
         lm = st.pipeline.pool.get(model)
         hf = Path(base_hf) if base_hf else hf_base(model.path, log=log)

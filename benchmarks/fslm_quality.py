@@ -1,0 +1,136 @@
+"""Does the fine-tuned stack beat the single model? ARC and held-out Alpaca, all measured here.
+
+Rows (the baseline, the single base model, is measured in the same run):
+
+* single: SmolLM2-135M-Instruct alone, scored the way lm-evaluation-harness scores ARC
+  ("Question: ...\\nAnswer:" + " choice") and answering Alpaca requests as a plain chat;
+* prompted: the ``fslm-smollm2-prompted`` stack (few-shot prompts, no adapters);
+* fine-tuned: the ``fslm-smollm2`` stack (the shipped LoRA adapters).
+
+Columns: ARC-Easy and ARC-Challenge validation acc / acc_norm (the final stage scores each
+choice after the earlier stages wrote notes on the question), held-out Alpaca ROUGE-L (the
+last 500 rows of alpaca_5000.json, never trained on; the first ``--instruct-limit`` of them),
+mean latency per Alpaca prompt and peak RSS (each cell runs ``edge-fslm eval`` in its own
+process, so peak RSS is that process's). Also the training cost of each adapter.
+
+Each cell is cached in ``benchmarks/results/fslm_quality/`` so a long run can be resumed;
+``--fresh`` recomputes. The data folder is ``../shared/data`` (``--data-dir``).
+
+    python benchmarks/fslm_quality.py [--arc-limit N] [--arc-challenge-limit N] [--instruct-limit 100] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, SMOLLM2, table, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = RESULTS / "fslm_quality"
+SYSTEMS = {
+    "single": ["--stack", "fslm-smollm2-prompted", "--single", SMOLLM2],
+    "prompted": ["--stack", "fslm-smollm2-prompted"],
+    "fine-tuned": ["--stack", "fslm-smollm2"],
+}
+TRAINING = ROOT / "edge_fslm" / "stacks" / "fslm-smollm2" / "training.json"
+
+
+def cell(system: str, task: str, data: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+    out = CELLS / f"{system}-{task}.json"
+    if out.is_file() and not args.fresh:
+        return json.loads(out.read_text())
+    CELLS.mkdir(parents=True, exist_ok=True)
+    kind = "instruct" if task == "alpaca" else "arc"
+    cmd = [sys.executable, "-m", "edge_fslm.cli", "eval", kind, *SYSTEMS[system], "--data", str(data),
+           "-o", str(out), "--json", *extra]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    t0 = time.perf_counter()
+    print(f"… {system} / {task}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    print(f"  {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--arc-limit", type=int, help="first N ARC-Easy validation questions (default all 570)")
+    ap.add_argument("--arc-challenge-limit", type=int, help="first N ARC-Challenge validation questions (default all 299)")
+    ap.add_argument("--instruct-limit", type=int, default=100, help="first N held-out Alpaca rows")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--fresh", action="store_true", help="recompute cached cells")
+    args = ap.parse_args()
+    def limit(n: int | None) -> list[str]:
+        return ["--limit", str(n)] if n else []
+
+    tasks = {
+        "arc-easy": (args.data_dir / "arc" / "ARC-Easy-validation.jsonl", limit(args.arc_limit)),
+        "arc-challenge": (args.data_dir / "arc" / "ARC-Challenge-validation.jsonl", limit(args.arc_challenge_limit)),
+        "alpaca": (args.data_dir / "alpaca_5000.json", ["--limit", str(args.instruct_limit)]),
+    }
+    systems = args.systems.split(",")
+    results: dict[str, dict[str, dict]] = {s: {} for s in systems}
+    for t, (path, extra) in tasks.items():  # task-major: a partial run has whole columns
+        for s in systems:
+            results[s][t] = cell(s, t, path, args, extra)
+
+    def row(s: str) -> dict:
+        r = results[s]
+        return {
+            "arc_easy_acc": r["arc-easy"]["acc"], "arc_easy_acc_norm": r["arc-easy"]["acc_norm"],
+            "arc_easy_n": r["arc-easy"]["n"],
+            "arc_challenge_acc": r["arc-challenge"]["acc"], "arc_challenge_acc_norm": r["arc-challenge"]["acc_norm"],
+            "arc_challenge_n": r["arc-challenge"]["n"],
+            "alpaca_rouge_l": r["alpaca"]["rouge_l"], "alpaca_rouge_1": r["alpaca"]["rouge1"],
+            "alpaca_n": r["alpaca"]["n"],
+            "latency_s_per_prompt": r["alpaca"]["mean_seconds"],
+            "peak_rss_mb": max(r[t]["peak_rss_bytes"] for t in r) / 1e6,
+        }
+
+    rows = {s: row(s) for s in systems}
+    head = ["system", "ARC-E acc", "ARC-E acc_norm", "ARC-C acc", "ARC-C acc_norm", "Alpaca ROUGE-L",
+            "s/prompt", "peak RSS MB"]
+    print(table([[s, f"{r['arc_easy_acc']:.3f}", f"{r['arc_easy_acc_norm']:.3f}", f"{r['arc_challenge_acc']:.3f}",
+                  f"{r['arc_challenge_acc_norm']:.3f}", f"{r['alpaca_rouge_l']:.3f}",
+                  f"{r['latency_s_per_prompt']:.2f}", f"{r['peak_rss_mb']:.0f}"] for s, r in rows.items()], head))
+    base = rows.get("single")
+    deltas = {}
+    if base:
+        print("\nagainst the single model (points for accuracy and ROUGE-L, ratio for latency and RSS):")
+        drows = []
+        for s, r in rows.items():
+            if s == "single":
+                continue
+            d = {k: 100 * (r[k] - base[k]) for k in ("arc_easy_acc", "arc_easy_acc_norm", "arc_challenge_acc",
+                                                     "arc_challenge_acc_norm", "alpaca_rouge_l")}
+            d["latency_ratio"] = r["latency_s_per_prompt"] / base["latency_s_per_prompt"]
+            d["peak_rss_ratio"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+            deltas[s] = d
+            drows.append([s] + [f"{d[k]:+.1f}" for k in list(d)[:5]]
+                         + [f"{d['latency_ratio']:.2f}x", f"{d['peak_rss_ratio']:.2f}x"])
+        print(table(drows, head))
+    training = json.loads(TRAINING.read_text()) if TRAINING.is_file() else None
+    if training:
+        print("\ntraining cost per stage (this CPU):")
+        print(table([[s["stage"], s["examples"], s["steps"], s["tokens"], s["target_tokens"], f"{s['seconds']:.0f}",
+                      f"{s['first_loss']:.2f} → {s['last_loss']:.2f}"] for s in training["stages"]],
+                    ["stage", "examples", "steps", "tokens", "target tokens", "seconds", "loss"]))
+    path = write_result("fslm_quality", {"rows": rows, "vs_single": deltas, "training": training,
+                                         "instruct_limit": args.instruct_limit, "arc_limit": args.arc_limit,
+                                         "arc_challenge_limit": args.arc_challenge_limit,
+                                         "cells": {s: {t: {k: v for k, v in c.items() if k != "records"}
+                                                       for t, c in r.items()} for s, r in results.items()}})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
