@@ -4,8 +4,8 @@ Needs the optional ``[train]`` extra (torch==2.13.0, transformers, peft). Traini
 built by the runtime itself: each example is the stage's prompt rendered and tokenized by
 llama.cpp exactly as ``edge-fslm run`` will see it, followed by the target and the end-of-turn
 token, so there is no train/serve mismatch in chat markup or tokenization. Examples are
-packed into fixed-length rows with per-example position ids, which transformers turns into
-a block-diagonal mask, so packed examples never attend to each other. Loss is on target
+packed into fixed-length rows with per-example position ids and an explicit block-diagonal
+causal mask, so packed examples never attend to each other. Loss is on target
 tokens only. Every ``save_every`` steps the adapter, optimizer and data order are saved, so
 a killed run resumes from the last checkpoint; a finished stage is skipped on a re-run.
 """
@@ -50,6 +50,10 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 10
     threads: int | None = None
+    # Packed examples must not see each other. transformers resets positions per example but, with
+    # sdpa and no mask, still lets a packed example attend to the ones before it in the row; an
+    # explicit block-diagonal causal mask stops that. False reproduces adapters trained without it.
+    block_diagonal: bool = True
 
     def with_overrides(self, **kw: object) -> "TrainConfig":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -180,6 +184,19 @@ def encode_stage_rows(lm, stage: StageSpec, rows: list[dict], seq_len: int) -> t
     return out, too_long, empty
 
 
+def packed_mask(position_ids):
+    """A (batch, 1, L, L) boolean causal mask that keeps each packed example to itself.
+
+    Examples are told apart by their positions restarting at 0 (padding is its own block).
+    """
+    import torch
+
+    seg = (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    n = position_ids.shape[1]
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
 def pack(examples: list[Encoded], seq_len: int, pad_id: int, seed: int, epoch: int):
     """Shuffle (deterministically per epoch) and pack examples first-fit into rows of ``seq_len``.
 
@@ -230,6 +247,16 @@ def _save_checkpoint(ckpt: Path, model, optimizer, scheduler, state: dict) -> No
         ckpt.rename(old)
     tmp.rename(ckpt)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.endswith("\n") and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def train_stage(
@@ -304,6 +331,7 @@ def train_stage(
     model.train()
     setup_seconds = time.perf_counter() - t0  # tokenizing, loading the base, restoring a checkpoint
     log_path = work / "train_log.jsonl"
+    _truncate_log(log_path, state["step"])  # steps after the checkpoint are redone; keep one line per step
     rows_epoch = pack(examples, config.seq_len, pad_id, config.seed, state["epoch"])
     with open(log_path, "a", encoding="utf-8") as logf:
         while state["step"] < config.steps:
@@ -319,7 +347,8 @@ def train_stage(
             ids = torch.tensor([b[0] for b in batch])
             labels = torch.tensor([b[1] for b in batch])
             pos = torch.tensor([b[2] for b in batch])
-            out = model(input_ids=ids, position_ids=pos, labels=labels)
+            mask = packed_mask(pos) if config.block_diagonal else None
+            out = model(input_ids=ids, position_ids=pos, attention_mask=mask, labels=labels)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

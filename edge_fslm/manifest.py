@@ -220,7 +220,8 @@ def _runtime_dict(rt: RuntimeSpec) -> dict[str, Any]:
 def builtin_names() -> list[str]:
     """Names of the stacks shipped inside the package."""
     folder = resources.files("edge_fslm.stacks")
-    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir()
+                  if p.name.endswith(".toml") and not p.name.endswith(".recipe.toml"))  # recipes: see recipe.py
 
 
 def load_builtin(name: str) -> Manifest:

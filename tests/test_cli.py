@@ -118,7 +118,9 @@ def test_inspect_errors(tmp_path):
 def test_pull_local_stack(smollm2_path):
     r = CliRunner().invoke(main, ["pull", "fslm-smollm2"])
     assert r.exit_code == 0, r.output
-    assert str(smollm2_path.name) in r.output and "1 files ready" in r.output
+    assert str(smollm2_path.name) in r.output and "5 files ready" in r.output  # the base and four adapters
+    for stage in ("understand", "keywords", "context", "answer"):
+        assert f"adapter of {stage}: " in r.output and f"{stage}.gguf" in r.output
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX only")
