@@ -174,7 +174,7 @@ def _distill_locked(manifest, examples, ids, teacher_path, out, meta, threads, c
     _check_meta(out, meta)
     rows_path = out / ROWS_FILE
     done_rows = read_rows(rows_path)
-    done = {r["id"] for r in done_rows}
+    done = {r["id"] for r in done_rows} & set(ids)  # rows of a wider earlier run are kept but not counted
     todo = [e for e in examples if e.id not in done]
     report = DistillReport(out_dir=out, rows_total=len(examples), rows_done_before=len(done), rows_written=0, seconds=0.0)
     if progress:
