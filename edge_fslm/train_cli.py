@@ -21,7 +21,8 @@ class _Progress:
             return
         if self.bar is None:
             label = self.label + (f" (resuming at {done}/{total})" if done else "")
-            self.bar = click.progressbar(length=total - done, label=label, show_eta=True, show_pos=True, file=None)
+            self.bar = click.progressbar(length=total - done, label=label, show_eta=True, show_pos=True,
+                                          file=click.get_text_stream("stderr"))  # stdout stays clean for --json
             self.bar.__enter__()
             self.last = done
             return
