@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from .errors import EdgeFSLMError, PromptError
 from .pipeline import StageTrace, clean_prompt
@@ -174,7 +174,7 @@ def run_batch(
                     if name in item.traces:
                         continue
                     values = {"input": item.prompt, **item.values}
-                    trace = _drain(stack.pipeline.run_stage(i, values, truncate=truncate))
+                    trace = stack.pipeline.finish_stage(i, values, truncate=truncate)
                     item.values[name] = trace.output
                     item.traces[name] = trace.to_dict()
                     if i < last:
@@ -198,11 +198,3 @@ def run_batch(
         seconds=time.perf_counter() - t0, load_seconds=spent.load_seconds, loads=spent.loads,
         evictions=spent.evictions, adapter_swaps=spent.adapter_swaps, output=str(out),
     )
-
-
-def _drain(gen: Iterator[str]) -> StageTrace:
-    while True:
-        try:
-            next(gen)
-        except StopIteration as done:
-            return done.value

@@ -186,13 +186,7 @@ def _distill_locked(manifest, examples, ids, teacher_path, out, meta, threads, c
             for n, ex in enumerate(todo, 1):
                 values = {"input": ex.input}
                 for i in range(len(stage_names) - 1):
-                    gen = pipe.run_stage(i, values, truncate=True)
-                    while True:
-                        try:
-                            next(gen)
-                        except StopIteration as stop:
-                            values[stage_names[i]] = stop.value.output
-                            break
+                    values[stage_names[i]] = pipe.finish_stage(i, values, truncate=True).output
                 row = {"id": ex.id, "input": ex.input,
                        "notes": {k: v for k, v in values.items() if k != "input"}, "output": ex.output}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

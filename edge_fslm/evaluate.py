@@ -89,12 +89,7 @@ def load_eval_stack(
 
 def stage_output(stack: Stack, i: int, values: dict[str, str]) -> StageTrace:
     """Run stage ``i`` to the end and return its trace."""
-    steps = stack.pipeline.run_stage(i, values, truncate=True)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return stack.pipeline.finish_stage(i, values, truncate=True)
 
 
 def notes_for(stack: Stack, text: str) -> dict[str, str]:

@@ -151,6 +151,15 @@ class Pipeline:
             cached_prompt_tokens=gen.cached_prompt_tokens,
         )
 
+    def finish_stage(self, i: int, values: dict[str, str], *, truncate: bool = False) -> StageTrace:
+        """Run stage ``i`` to the end without streaming, for callers that only need its trace."""
+        steps = self.run_stage(i, values, truncate=truncate)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
     def execute(
         self,
         prompt: str,
