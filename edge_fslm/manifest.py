@@ -464,11 +464,12 @@ def _check_runtime(rt: dict[str, Any], where: str, problems: list[str]) -> Runti
                 problems.append(f"{where}: {key}: expected an integer from {lo} to {hi}, got {_show(val)}")
             else:
                 values[key] = val
-    if "mmap" in rt:
-        if not isinstance(rt["mmap"], bool):
-            problems.append(f"{where}: mmap: expected true or false, got {_show(rt['mmap'])}")
-        else:
-            values["mmap"] = rt["mmap"]
+    for key in ("mmap", "prefix_cache"):
+        if key in rt:
+            if not isinstance(rt[key], bool):
+                problems.append(f"{where}: {key}: expected true or false, got {_show(rt[key])}")
+            else:
+                values[key] = rt[key]
     if "kv_cache_type" in rt:
         if rt["kv_cache_type"] not in KV_CACHE_TYPES:
             problems.append(f"{where}: kv_cache_type: expected one of {', '.join(KV_CACHE_TYPES)}, got {rt['kv_cache_type']!r}")

@@ -103,6 +103,27 @@ def test_bad_types_and_ranges_each_reported():
     assert any("stages[1] (answer).temperature: expected a number" in x for x in lines)
 
 
+def test_every_runtime_field_is_read_not_dropped():
+    """A known key that the loader accepts must reach the RuntimeSpec; a silently ignored
+    `prefix_cache = false` once made two benchmarks measure the cache they meant to turn off."""
+    from edge_fslm.manifest import RuntimeSpec
+
+    changed = {
+        "ctx_size": "1024", "threads": "3", "batch_size": "64", "gpu_layers": "-1", "mmap": "false",
+        "seed": "7", "policy": '"sequential"', "budget": '"300MB"', "prefix_cache": "false",
+        "kv_cache_type": '"q8_0"',
+    }
+    assert set(changed) == set(RuntimeSpec.__dataclass_fields__), "a new runtime field needs a case here"
+    body = "\n".join(f"{k} = {v}" for k, v in changed.items())
+    m = parse_manifest(GOOD.replace("ctx_size = 512", body), origin="good.toml")
+    default = RuntimeSpec()
+    for key in changed:
+        assert getattr(m.runtime, key) != getattr(default, key), key
+    assert m.runtime.prefix_cache is False
+    (line,) = errors_of(GOOD.replace("ctx_size = 512", "ctx_size = 512\nprefix_cache = 0"))
+    assert "runtime: prefix_cache: expected true or false" in line
+
+
 def test_bool_is_not_an_int():
     bad = GOOD.replace("max_tokens = 16", "max_tokens = true")
     (line,) = errors_of(bad)
