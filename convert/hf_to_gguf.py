@@ -89,6 +89,8 @@ class HParams:
     parallel_residual: bool = False
     rope_linear_factor: float | None = None
     name: str = ""
+    #: config.json names head_dim itself (llama.cpp's converter then writes key/value_length, so we do too)
+    explicit_head_dim: bool = False
 
 
 def _cfg(config: dict[str, Any], folder: Path, *keys: str, default: Any = None, kind: type = int) -> Any:
@@ -167,6 +169,7 @@ def _llama_hparams(config: dict[str, Any], folder: Path) -> HParams:
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         rope_linear_factor=_rope_linear(config, folder),
         name=_model_name(config, folder),
+        explicit_head_dim=isinstance(config.get("head_dim"), int),
     )
 
 
@@ -220,7 +223,7 @@ def _llama_keys(w: gguf.GGUFWriter, hp: HParams) -> None:
     w.add_head_count(hp.n_head)
     w.add_head_count_kv(hp.n_head_kv)
     w.add_rope_dimension_count(hp.rope_dim)
-    if hp.head_dim != hp.n_embd // hp.n_head:
+    if hp.explicit_head_dim or hp.head_dim != hp.n_embd // hp.n_head:
         w.add_key_length(hp.head_dim)
         w.add_value_length(hp.head_dim)
     w.add_rope_freq_base(hp.rope_theta)
@@ -475,13 +478,13 @@ def convert_hf(
             try:
                 w.add_type(gguf.GGUFType.MODEL)
                 w.add_name(name or hp.name)
+                w.add_size_label(gguf.size_label(sum(math.prod(p.shape) for p in plan), 0, 0, 0))
                 spec.write_keys(w, hp)
                 if hp.rope_linear_factor is not None:
                     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
                     w.add_rope_scaling_factor(hp.rope_linear_factor)
                 w.add_file_type(int(file_type))
-                if ggml_main not in (_QT.F32, _QT.F16, _QT.BF16):
-                    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # every file, as llama.cpp's converter does
                 vocab = add_vocab(w, ckpt.path, hp.n_vocab, pre_tokenizer)
                 for p in plan:
                     w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.n_bytes, raw_dtype=p.ggml_type)

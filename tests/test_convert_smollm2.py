@@ -76,3 +76,39 @@ def test_smollm2_metadata_round_trips():
     assert info.metadata["tokenizer.ggml.pre"] == orig.metadata["tokenizer.ggml.pre"] == "smollm"
     assert "output.weight" not in info.tensors, "tied embeddings are not duplicated"
     assert info.metadata["llama.rope.freq_base"] == orig.metadata["llama.rope.freq_base"]
+
+
+# The metadata keys llama.cpp's own convert_hf_to_gguf.py writes for this checkpoint (llama-cpp-python 0.3.36's
+# vendored converter, llama.cpp 0c1e5709; benchmarks/llamacpp_converter_parity.py compares the files in full).
+# It names the model from the folder, so for a folder like "SmolLM2-135M-Instruct" it also writes
+# general.basename and general.finetune; the folder here carries no such parts.
+LLAMACPP_CONVERTER_KEYS = {
+    "general.architecture", "general.type", "general.name", "general.size_label", "general.file_type",
+    "general.quantization_version",
+    "llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
+    "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
+    "llama.attention.layer_norm_rms_epsilon", "llama.attention.key_length", "llama.attention.value_length",
+    "llama.vocab_size", "llama.rope.dimension_count",
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.chat_template",
+    "tokenizer.ggml.add_bos_token",
+}
+
+
+def test_smollm2_has_the_keys_llamacpps_converter_writes():
+    """Every key llama.cpp's converter writes, with its values; the one extra is add_eos_token = false (its default)."""
+    for outtype in ("f16", "f32"):
+        info = gguf_info.validate_model(converted(smollm2_hf_dir(), outtype))
+        keys = {k for k in info.metadata if not k.startswith("GGUF.")}
+        assert keys - LLAMACPP_CONVERTER_KEYS == {"tokenizer.ggml.add_eos_token"}, outtype
+        assert LLAMACPP_CONVERTER_KEYS - keys == set(), outtype
+        m = info.metadata
+        assert m["tokenizer.ggml.add_eos_token"] is False
+        assert m["tokenizer.ggml.add_bos_token"] is False
+        assert m["general.quantization_version"] == 2, "llama.cpp's converter writes it for f32/f16 files too"
+        assert m["llama.attention.key_length"] == m["llama.attention.value_length"] == 64, \
+            "config.json names head_dim, so llama.cpp's converter writes key/value_length"
+        assert m["general.size_label"] == "135M"
+        assert (m["tokenizer.ggml.bos_token_id"], m["tokenizer.ggml.eos_token_id"],
+                m["tokenizer.ggml.unknown_token_id"], m["tokenizer.ggml.padding_token_id"]) == (1, 2, 0, 2)
