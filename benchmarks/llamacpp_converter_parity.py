@@ -28,7 +28,7 @@ the files are compared:
   the tokenizer: llama.cpp's tokenization of each prompt with either file, max |delta logit| over
   every position and over the next-token position, and top-1 agreement. Target: 1e-3.
 
-    python benchmarks/llamacpp_converter_parity.py [--outtypes f32,f16,bf16,q8_0] [--threads 1]
+    python benchmarks/llamacpp_converter_parity.py [--outtypes f32,f16,bf16,q8_0] [--threads 1] [--keep]
 
 Exits 1 when any comparison fails. Needs the train extra (torch, transformers) and
 sentencepiece, which llama.cpp's Llama converter imports even for BPE tokenizers.
@@ -440,8 +440,9 @@ def main() -> int:
     ap.add_argument("--cache-dir", type=Path, default=CACHE / "llamacpp-converter",
                     help="where the sdist and the extracted converter are kept")
     ap.add_argument("--work-dir", type=Path, default=CACHE / "converter-parity",
-                    help="HF checkpoints (kept) and converted files (rewritten every run)")
+                    help="HF checkpoints (kept) and converted files (deleted after comparing unless --keep)")
     ap.add_argument("--checkpoints", default="smollm2,tiny-llama-gqa")
+    ap.add_argument("--keep", action="store_true", help="keep the converted files (work-dir/gguf, ~2.5 GB)")
     args = ap.parse_args()
     outtypes = [t.strip() for t in args.outtypes.split(",") if t.strip()]
     bad = [t for t in outtypes if t not in OUTTYPES]
@@ -491,6 +492,9 @@ def main() -> int:
                            and not lg["tokenization_mismatches"] and lg["max_abs_dlogit"] <= LOGIT_TARGET
                            and lg["top1_agree"] == lg["positions"])
             rows.append(row)
+            if not args.keep:
+                for p in (ours, ref):
+                    p.unlink()
             print(f"{name} {t}: {tz['identical_bytes']}/{tz['n_tensors'][1]} tensors byte-identical, "
                   f"max|dlogit| {lg['max_abs_dlogit']:.3g}, unexpected keys {md_['unexpected'] or 'none'}",
                   file=sys.stderr, flush=True)
