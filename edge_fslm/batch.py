@@ -49,6 +49,17 @@ class BatchReport:
     output: str
 
 
+MAX_PARALLEL = 64
+
+
+def _spare_bytes(stack) -> int | None:
+    """What the memory budget leaves beyond the plan's predicted peak (None: no budget)."""
+    plan = stack.plan
+    if plan is None or plan.budget is None:
+        return None
+    return max(plan.budget - plan.predicted_peak, 0)
+
+
 def read_inputs(path: str | Path) -> list[BatchItem]:
     """Read ``{"id", "prompt"}`` lines; every problem names the file and line."""
     p = Path(path)
@@ -137,13 +148,18 @@ def run_batch(
     output_path: str | Path,
     *,
     truncate: bool = False,
+    parallel: int = 1,
     on_step: Callable[[BatchItem, StageTrace], None] | None = None,
     steps_hint: Callable[[int, int], None] | None = None,
 ) -> BatchReport:
     """Run every prompt of ``input_path`` through ``stack`` stage-major, appending to ``output_path``.
 
-    Re-running the same command after a kill resumes where it stopped.
+    With ``parallel`` > 1, up to that many prompts of a stage are decoded together
+    (parallel.py) while the memory budget leaves room for the extra context; the outputs
+    are the same. Re-running the same command after a kill resumes where it stopped.
     """
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= MAX_PARALLEL:
+        raise EdgeFSLMError(f"--parallel {parallel}: expected an integer from 1 to {MAX_PARALLEL}")
     items = read_inputs(input_path)
     out = Path(output_path)
     state = out.with_name(out.name + ".state.jsonl")
@@ -166,28 +182,36 @@ def run_batch(
     t0 = time.perf_counter()
     results, checkpoints = _Appender(out), _Appender(state)
     completed = 0
+    last = len(stage_names) - 1
+
+    def record(item: BatchItem, i: int, trace: StageTrace) -> None:
+        nonlocal completed
+        name = stage_names[i]
+        item.values[name] = trace.output
+        item.traces[name] = trace.to_dict()
+        if i < last:
+            checkpoints.write({"stack": stack.manifest.name, "id": item.id, "stage": name, "trace": item.traces[name]})
+        else:
+            stages = [item.traces[n] for n in stage_names]
+            results.write({"id": item.id, "prompt": item.prompt, "answer": trace.output,
+                           "stages": stages, "stack": stack.manifest.name})
+            completed += 1
+        if on_step:
+            on_step(item, trace)
+
     try:
         with stack._lock:
-            last = len(stage_names) - 1
+            spare = _spare_bytes(stack)
             for i, name in enumerate(stage_names):
-                for item in pending:
-                    if name in item.traces:
-                        continue
-                    values = {"input": item.prompt, **item.values}
-                    trace = stack.pipeline.finish_stage(i, values, truncate=truncate)
-                    item.values[name] = trace.output
-                    item.traces[name] = trace.to_dict()
-                    if i < last:
-                        checkpoints.write({"stack": stack.manifest.name, "id": item.id, "stage": name,
-                                           "trace": item.traces[name]})
-                    else:
-                        stages = [item.traces[n] for n in stage_names]
-                        results.write({"id": item.id, "prompt": item.prompt, "answer": trace.output,
-                                       "stages": stages, "stack": stack.manifest.name})
-                        completed += 1
-                    if on_step:
-                        on_step(item, trace)
+                todo = [item for item in pending if name not in item.traces]
+                for k in range(0, len(todo), parallel):
+                    group = todo[k:k + parallel]
+                    values = [{"input": item.prompt, **item.values} for item in group]
+                    traces = stack.pipeline.finish_stage_group(i, values, truncate=truncate, spare_bytes=spare)
+                    for item, trace in zip(group, traces):
+                        record(item, i, trace)
     finally:
+        pool.close_parallel()
         results.close()
         checkpoints.close()
     if completed == len(pending) and state.exists():

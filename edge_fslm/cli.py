@@ -16,6 +16,8 @@ import click
 from . import __version__
 from .errors import EdgeFSLMError, PromptError
 
+DEFAULT_PARALLEL = 8  # batch mode: prompts per stage decoded together (benchmarks/batch_throughput.py)
+
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
@@ -99,12 +101,15 @@ def _runtime_options(f):
               help="Batch mode: a JSONL file of {\"id\", \"prompt\"} lines, run stage-major.")
 @click.option("--output", "-o", "output_path", type=click.Path(dir_okay=False),
               help="Batch mode: results JSONL, appended as prompts finish; re-run to resume.")
+@click.option("--parallel", "-np", "parallel", type=click.IntRange(1, 64), default=DEFAULT_PARALLEL, show_default=True,
+              help="Batch mode: prompts of one stage decoded together (same outputs; fewer if the budget is tight).")
 def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, strict, verbose, max_tokens,
-        temperature, trace, as_json, truncate, input_path, output_path):
+        temperature, trace, as_json, truncate, input_path, output_path, parallel):
     """Run PROMPT through a stack and print the answer ('-' reads stdin).
 
     With --input and --output, run a whole file of prompts stage-major (stage 1 for every
-    prompt, then stage 2, ...). A killed batch resumes when re-run with the same command.
+    prompt, then stage 2, ...), --parallel prompts at a time decoded together. A killed
+    batch resumes when re-run with the same command.
     """
     from .api import Stack
 
@@ -113,7 +118,7 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offl
             raise click.UsageError("batch mode needs both --input and --output")
         if prompt is not None:
             raise click.UsageError("give either a PROMPT or --input, not both")
-        _run_batch(stack, input_path, output_path, truncate, verbose,
+        _run_batch(stack, input_path, output_path, truncate, verbose, parallel,
                    dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
                         temperature=temperature, budget=budget, policy=policy, offline=offline, strict=strict))
         return
@@ -143,7 +148,7 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offl
                        f" {result.adapter_swaps} adapter swaps", err=True)
 
 
-def _run_batch(stack, input_path, output_path, truncate, verbose, options) -> None:
+def _run_batch(stack, input_path, output_path, truncate, verbose, parallel, options) -> None:
     from .api import Stack
     from .batch import read_inputs, run_batch
 
@@ -166,7 +171,8 @@ def _run_batch(stack, input_path, output_path, truncate, verbose, options) -> No
                 bar.update(1, f"{trace.name} · {item.id}")
 
         try:
-            report = run_batch(st, input_path, output_path, truncate=truncate, on_step=step, steps_hint=hint)
+            report = run_batch(st, input_path, output_path, truncate=truncate, parallel=parallel, on_step=step,
+                               steps_hint=hint)
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)

@@ -9,13 +9,13 @@ generator that yields the final stage's text as it is produced and *returns* the
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Generator
 
 from .errors import PromptError
 from .manifest import Manifest, StageSpec
 from .pool import ModelPool, PoolCounters, ResolvedAdapter, ResolvedModel
-from .stage import Generation, generate, prepare
+from .stage import Generation, generate, prefix_split, prepare
 
 
 @dataclass
@@ -133,23 +133,7 @@ class Pipeline:
         tokens, dropped = prepare(lm, stage, values, self.pool.settings.ctx_size, truncate=truncate)
         gen = Generation(truncated_input_tokens=dropped)
         yield from generate(lm, stage, tokens, self.pool.settings.seed + i, gen)
-        cost = self.pool.counters.since(c0)
-        return StageTrace(
-            name=stage.name,
-            output=gen.text,
-            prompt_tokens=gen.prompt_tokens,
-            completion_tokens=gen.completion_tokens,
-            seconds=time.perf_counter() - t0,
-            model=stage.model,
-            adapter=str(adapter.path.name) if adapter else None,
-            stop_reason=gen.stop_reason,
-            load_seconds=cost.load_seconds,
-            swap_seconds=cost.swap_seconds,
-            prompt_seconds=gen.prompt_seconds,
-            gen_seconds=gen.gen_seconds,
-            truncated_input_tokens=dropped,
-            cached_prompt_tokens=gen.cached_prompt_tokens,
-        )
+        return _trace(stage, gen, adapter, time.perf_counter() - t0, self.pool.counters.since(c0))
 
     def finish_stage(self, i: int, values: dict[str, str], *, truncate: bool = False) -> StageTrace:
         """Run stage ``i`` to the end without streaming, for callers that only need its trace."""
@@ -159,6 +143,60 @@ class Pipeline:
                 next(steps)
             except StopIteration as done:
                 return done.value
+
+    def finish_stage_group(
+        self, i: int, group: list[dict[str, str]], *, truncate: bool = False, spare_bytes: int | None = None
+    ) -> list[StageTrace]:
+        """Run stage ``i`` for several prompts' ``values`` at once, decoded together (parallel.py).
+
+        ``spare_bytes`` is what the memory budget leaves for the extra multi-sequence
+        context; a group that would need more is split, down to one prompt at a time
+        (the ordinary path). Each trace's seconds and costs are the group's divided by its size.
+        """
+        from .memory import compute_bytes, effective_kv_type, kv_cache_bytes
+        from .parallel import ParallelContext, chunk_size, generate_group, seq_cells
+
+        stage = self.manifest.stages[i]
+        if len(group) == 1 or stage.sampling.temperature > 0:
+            # sampled stages run one at a time: their draws matched the sequential path's only
+            # for the first tokens in our tests, so batch mode would not give single-run answers
+            return [self.finish_stage(i, v, truncate=truncate) for v in group]
+        t0 = time.perf_counter()
+        c0 = self.pool.counters.snapshot()
+        lm = self.pool.get(self.models[stage.model])
+        prepared = [prepare(lm, stage, v, self.pool.settings.ctx_size, truncate=truncate) for v in group]
+        token_lists = [t for t, _ in prepared]
+        adapter = self.adapters.get(stage.name)
+        # split every prompt where the sequential path would (its saved prefix), so the logits are its own
+        active = None if adapter is None else (str(adapter.path), adapter.scale)
+        splits = {prefix_split(lm, stage, t, active) for t in token_lists}
+        prefix = splits.pop() if len(splits) == 1 else -1
+        if prefix < 0 or any(t[:prefix] != token_lists[0][:prefix] for t in token_lists):
+            return [self.finish_stage(i, v, truncate=truncate) for v in group]  # no common split: one by one
+        cells = seq_cells(token_lists, stage.max_tokens)
+        info = lm.model.info
+        kv_type = effective_kv_type(info, self.pool.settings.kv_cache_type)
+        n_ctx = cells * len(group)
+        extra = kv_cache_bytes(info, n_ctx, kv_type) + compute_bytes(info, self.pool.settings.batch_size, n_ctx)
+        if spare_bytes is not None and extra > spare_bytes:
+            half = len(group) // 2
+            return (self.finish_stage_group(i, group[:half], truncate=truncate, spare_bytes=spare_bytes)
+                    + self.finish_stage_group(i, group[half:], truncate=truncate, spare_bytes=spare_bytes))
+        self.pool.close_parallel(keep=lm)
+        if lm.parallel is None or not lm.parallel.fits(lm, len(group), cells):
+            self.pool.close_parallel()
+            lm.parallel = ParallelContext.open(lm, self.pool.settings, len(group), cells, kv_type)
+        lm.parallel.use_adapter(adapter, self.pool.counters)
+        gens = generate_group(lm.parallel, stage, token_lists, self.pool.settings.seed + i, prefix,
+                              chunk_size(self.pool.settings))
+        seconds = (time.perf_counter() - t0) / len(group)
+        spent = self.pool.counters.since(c0)
+        cost = replace(spent, load_seconds=spent.load_seconds / len(group), swap_seconds=spent.swap_seconds / len(group))
+        traces = []
+        for gen, (_, dropped) in zip(gens, prepared):
+            gen.truncated_input_tokens = dropped
+            traces.append(_trace(stage, gen, adapter, seconds, cost))
+        return traces
 
     def execute(
         self,
@@ -204,3 +242,23 @@ class Pipeline:
             evictions=spent.evictions,
             adapter_swaps=spent.adapter_swaps,
         )
+
+
+def _trace(stage: StageSpec, gen: Generation, adapter: ResolvedAdapter | None, seconds: float,
+           cost: PoolCounters) -> StageTrace:
+    return StageTrace(
+        name=stage.name,
+        output=gen.text,
+        prompt_tokens=gen.prompt_tokens,
+        completion_tokens=gen.completion_tokens,
+        seconds=seconds,
+        model=stage.model,
+        adapter=str(adapter.path.name) if adapter else None,
+        stop_reason=gen.stop_reason,
+        load_seconds=cost.load_seconds,
+        swap_seconds=cost.swap_seconds,
+        prompt_seconds=gen.prompt_seconds,
+        gen_seconds=gen.gen_seconds,
+        truncated_input_tokens=gen.truncated_input_tokens,
+        cached_prompt_tokens=gen.cached_prompt_tokens,
+    )

@@ -146,6 +146,7 @@ class LoadedModel:
     pinned: bool = False
     prefix_cache_enabled: bool = True
     prefix_cache: dict = field(default_factory=dict)  # (stage, active adapter) -> stage.PrefixState
+    parallel: Any = None  # parallel.ParallelContext: a multi-sequence context on this model, for batch runs
 
     @property
     def vocab(self) -> Any:
@@ -174,14 +175,10 @@ class LoadedModel:
             counters.adapter_loads += 1
         return handle
 
-    def activate(self, adapter: ResolvedAdapter | None, counters: PoolCounters) -> bool:
-        """Make ``adapter`` (or the bare base) the active set. Returns True when it changed."""
-        want = None if adapter is None else (str(adapter.path), adapter.scale)
-        if want == self.active:
-            return False
+    def set_adapter_on(self, ctx: Any, adapter: ResolvedAdapter | None, counters: PoolCounters) -> None:
+        """Make ``adapter`` (or none) the active set of ``ctx``, a context of this model.
+        Adapter handles belong to the model, so every context of it can share them."""
         lc = _llama_cpp()
-        t0 = time.perf_counter()
-        ctx = self.llm._ctx.ctx
         if adapter is None:
             rc = lc.llama_set_adapters_lora(ctx, None, 0, None)
         else:
@@ -192,6 +189,14 @@ class LoadedModel:
         if rc != 0:
             name = adapter.path if adapter else "(none)"
             raise EdgeFSLMError(f"{name}: llama.cpp could not set the adapter (code {rc}) — run with -v for details")
+
+    def activate(self, adapter: ResolvedAdapter | None, counters: PoolCounters) -> bool:
+        """Make ``adapter`` (or the bare base) the active set. Returns True when it changed."""
+        want = None if adapter is None else (str(adapter.path), adapter.scale)
+        if want == self.active:
+            return False
+        t0 = time.perf_counter()
+        self.set_adapter_on(self.llm._ctx.ctx, adapter, counters)
         self.active = want
         self.clear_kv()  # cached tokens were computed under the previous adapter set
         counters.adapter_swaps += 1
@@ -199,6 +204,9 @@ class LoadedModel:
         return True
 
     def close(self) -> None:
+        if self.parallel is not None:  # a context of this model: free it before the model goes
+            self.parallel.close()
+            self.parallel = None
         self.prefix_cache.clear()
         self.adapters.clear()  # freed by llama.cpp together with the model
         self.llm.close()
@@ -270,6 +278,14 @@ class ModelPool:
         self.counters.loads += 1
         self.counters.load_seconds += time.perf_counter() - t0
         return LoadedModel(model=model, llm=llm, prefix_cache_enabled=s.prefix_cache)
+
+    def close_parallel(self, keep: LoadedModel | None = None) -> None:
+        """Free the multi-sequence contexts of every loaded model but ``keep``: the budget
+        allows for one at a time, and a batch run leaves none behind."""
+        for lm in self._loaded.values():
+            if lm is not keep and lm.parallel is not None:
+                lm.parallel.close()
+                lm.parallel = None
 
     def prefetch(self, model: ResolvedModel) -> bool:
         """Ask the kernel to start reading ``model``'s file into the page cache, if it is not loaded.

@@ -164,6 +164,51 @@ class _StopScanner:
         return self.text.strip()
 
 
+class TokenCollector:
+    """One generation's token-by-token bookkeeping: end-of-generation, UTF-8 pieces split
+    across tokens, stop strings and ``max_tokens``. Shared by the sequential path and the
+    parallel one (parallel.py), so both stop and strip identically."""
+
+    def __init__(self, lm: LoadedModel, stage: StageSpec):
+        self.lm = lm
+        self.max_tokens = stage.max_tokens
+        self.scanner = _StopScanner(stage.stop)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.n = 0
+        self.stop_reason = "length"
+        self.done = False
+
+    def feed(self, tok: int) -> str:
+        """Take one sampled token; return the text that is now safe to emit."""
+        import llama_cpp
+
+        if llama_cpp.llama_vocab_is_eog(self.lm.vocab, tok):
+            self.stop_reason, self.done = "eos", True
+            return ""
+        self.n += 1
+        piece = self.decoder.decode(self.lm.llm.detokenize([tok], special=False))
+        emit = self.scanner.feed(piece) if piece else ""
+        if self.scanner.stopped:
+            self.stop_reason, self.done = "stop", True
+        elif self.n >= self.max_tokens:
+            self.stop_reason, self.done = "length", True
+        return emit
+
+    def finish(self) -> str:
+        """The held-back rest of the text, once generation has ended."""
+        if self.scanner.stopped:
+            return ""
+        rest = ""
+        tail = self.decoder.decode(b"", final=True)
+        if tail:
+            rest += self.scanner.feed(tail)
+        return rest + self.scanner.finish()
+
+    @property
+    def output(self) -> str:
+        return self.scanner.output
+
+
 # A sentinel no prompt contains: private-use code points around a name.
 _FIELD_SENTINEL = "\ue000edge-fslm-field\ue001"
 MIN_PREFIX_TOKENS = 16
@@ -185,6 +230,36 @@ def static_prefix(lm: LoadedModel, stage: StageSpec) -> str:
     return text if cut < 0 else text[:cut]
 
 
+def fresh_prefix_split(lm: LoadedModel, stage: StageSpec, tokens: list[int]) -> int:
+    """How many leading tokens of ``tokens`` form the stage's saved prefix (0: none worth saving).
+
+    llama.cpp's logits depend, in the last digits and sometimes beyond, on where a prompt
+    is split between decodes, so the parallel path (parallel.py) splits at this same point.
+    """
+    if not lm.prefix_cache_enabled:
+        return 0
+    prefix = tokenize(lm, static_prefix(lm, stage))
+    n = 0
+    for a, b in zip(prefix, tokens):
+        if a != b:
+            break
+        n += 1
+    n -= 1  # the last prefix token can merge differently with what follows; leave it to the suffix
+    return n if MIN_PREFIX_TOKENS <= n < len(tokens) else 0
+
+
+def prefix_split(lm: LoadedModel, stage: StageSpec, tokens: list[int], active: tuple[str, float] | None) -> int:
+    """Where the sequential path splits ``tokens`` under adapter ``active``: the saved prefix's
+    length when one is cached for it, otherwise where one would be built."""
+    if not lm.prefix_cache_enabled:
+        return 0
+    entry = lm.prefix_cache.get((stage.name, active))
+    if entry is None:
+        return fresh_prefix_split(lm, stage, tokens)
+    n = len(entry.tokens)
+    return n if n and n < len(tokens) and tokens[:n] == entry.tokens else 0
+
+
 def _restore_or_build_prefix(lm: LoadedModel, stage: StageSpec, tokens: list[int]) -> int:
     """Leave the KV cache holding this stage's saved prefix (building it on first use).
 
@@ -203,14 +278,8 @@ def _restore_or_build_prefix(lm: LoadedModel, stage: StageSpec, tokens: list[int
     entry = lm.prefix_cache.get(key)
     ctx = llm._ctx.ctx
     if entry is None:
-        prefix = tokenize(lm, static_prefix(lm, stage))
-        n = 0
-        for a, b in zip(prefix, tokens):
-            if a != b:
-                break
-            n += 1
-        n -= 1  # the last prefix token can merge differently with what follows; leave it to the suffix
-        if n < MIN_PREFIX_TOKENS or n >= len(tokens):
+        n = fresh_prefix_split(lm, stage, tokens)
+        if not n:
             lm.prefix_cache[key] = PrefixState(tokens=[], state=None, n_bytes=0)  # not worth it; do not retry
             return 0
         llm.eval(tokens[:n])
@@ -238,19 +307,14 @@ def generate(lm: LoadedModel, stage: StageSpec, tokens: list[int], seed: int, ou
     evaluates only the rest, so a restored prefix is simply reused. Yields text pieces and
     fills ``out`` as it goes.
     """
-    import llama_cpp
-
     llm = lm.llm
     out.cached_prompt_tokens = _restore_or_build_prefix(lm, stage, tokens)
     llm.set_seed(seed)
-    vocab = lm.vocab
     s = stage.sampling
-    scanner = _StopScanner(stage.stop)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    collector = TokenCollector(lm, stage)
     out.prompt_tokens = len(tokens)
     t0 = time.perf_counter()
     t_first = None
-    n = 0
     gen = llm.generate(
         tokens,
         temp=s.temperature,
@@ -264,34 +328,20 @@ def generate(lm: LoadedModel, stage: StageSpec, tokens: list[int], seed: int, ou
         for tok in gen:
             if t_first is None:
                 t_first = time.perf_counter()
-            if llama_cpp.llama_vocab_is_eog(vocab, tok):
-                out.stop_reason = "eos"
-                break
-            n += 1
-            piece = decoder.decode(llm.detokenize([tok], special=False))
-            emit = scanner.feed(piece) if piece else ""
+            emit = collector.feed(tok)
             if emit:
                 yield emit
-            if scanner.stopped:
-                out.stop_reason = "stop"
-                break
-            if n >= stage.max_tokens:
-                out.stop_reason = "length"
+            if collector.done:
                 break
     finally:
         gen.close()
-    if not scanner.stopped:
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            emit = scanner.feed(tail)
-            if emit:
-                yield emit
-        rest = scanner.finish()
-        if rest:
-            yield rest
+    rest = collector.finish()
+    if rest:
+        yield rest
     t_end = time.perf_counter()
     t_first = t_first or t_end
-    out.completion_tokens = n
+    out.stop_reason = collector.stop_reason
+    out.completion_tokens = collector.n
     out.prompt_seconds = t_first - t0
     out.gen_seconds = t_end - t_first
-    out.text = scanner.output
+    out.text = collector.output
