@@ -204,12 +204,11 @@ def run_batch(
             spare = _spare_bytes(stack)
             for i, name in enumerate(stage_names):
                 todo = [item for item in pending if name not in item.traces]
-                for k in range(0, len(todo), parallel):
-                    group = todo[k:k + parallel]
-                    values = [{"input": item.prompt, **item.values} for item in group]
-                    traces = stack.pipeline.finish_stage_group(i, values, truncate=truncate, spare_bytes=spare)
-                    for item, trace in zip(group, traces):
-                        record(item, i, trace)
+                if todo:
+                    values = [{"input": item.prompt, **item.values} for item in todo]
+                    stack.pipeline.finish_stage_group(
+                        i, values, width=parallel, truncate=truncate, spare_bytes=spare,
+                        on_trace=lambda j, trace: record(todo[j], i, trace))  # saved as each prompt finishes
     finally:
         pool.close_parallel()
         results.close()

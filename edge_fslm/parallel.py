@@ -6,14 +6,18 @@ batch runs (batch.py) have many prompts waiting at the same stage under the same
 which is exactly the case.
 
 How: a second llama.cpp context on the already-loaded model (weights and adapter handles
-are shared; only a KV cache and compute buffers are new), with ``n_seq_max`` sequences,
-each with its own KV stream sized for this group's prompts. The group's common prompt
-prefix is evaluated once and copied to every sequence with ``llama_memory_seq_cp``; then
-every prompt's remaining tokens go in together, and each step decodes one token per
-unfinished sequence. The KV streams are kept separate (``kv_unified = false``): with one
-unified cache, llama.cpp 0.3.36's CPU logits for a sequence drifted by up to ~1.0 from
-the same prompt run alone; with separate streams they are bit-identical. Sampling uses llama-cpp-python's own sampler construction (``Llama._init_sampler``,
-the pinned 0.3.36 API), the same one ``Llama.generate`` uses, and stop rules use the same
+are shared; only a KV cache and compute buffers are new) with a KV stream per slot plus
+one that keeps the stage's shared prompt prefix, evaluated once and copied into each slot
+with ``llama_memory_seq_cp``. Each step decodes one token for every busy slot in one
+batch; a prompt that finishes hands its slot to the next (continuous batching).
+
+Exactness: llama.cpp's logits depend on where a prompt is split between decodes (moving
+the split moves logits by up to ~1 on this model), so every prompt is split exactly where
+the sequential path splits it (its prefix cache, then ``n_batch`` chunks). The streams
+are kept separate (``kv_unified = false``): with one unified cache, llama.cpp 0.3.36's CPU
+logits drifted by up to ~1.0 from the same prompt run alone; with separate streams they
+are bit-identical. Sampling uses llama-cpp-python's own sampler construction
+(``Llama._init_sampler``, the pinned 0.3.36 API), and stop rules the same
 :class:`~edge_fslm.stage.TokenCollector` as the sequential path.
 
 So greedy outputs are the sequential path's, token for token (tests/test_parallel.py).
@@ -26,14 +30,14 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .errors import EdgeFSLMError
 from .manifest import StageSpec
 from .pool import _GGML_TYPES, LoadedModel, LoadSettings, PoolCounters, ResolvedAdapter, _llama_cpp
 from .stage import Generation, TokenCollector
 
-CTX_ROUND = 256  # KV cells are allocated in steps, so nearly equal groups reuse one context
+CTX_ROUND = 256  # KV cells are allocated in steps, so stages of similar length reuse one context
 
 
 def chunk_size(settings: LoadSettings) -> int:
@@ -42,7 +46,7 @@ def chunk_size(settings: LoadSettings) -> int:
 
 
 def seq_cells(token_lists: list[list[int]], max_tokens: int) -> int:
-    """KV cells each sequence of a group needs: its longest prompt plus a full answer."""
+    """KV cells each slot needs: the longest prompt plus a full answer."""
     need = max(len(t) for t in token_lists) + max_tokens
     return -(-need // CTX_ROUND) * CTX_ROUND
 
@@ -131,83 +135,121 @@ class _Batch:
 
 
 def generate_group(
-    pctx: ParallelContext, stage: StageSpec, token_lists: list[list[int]], seed: int, prefix: int, chunk: int
+    pctx: ParallelContext,
+    stage: StageSpec,
+    token_lists: list[list[int]],
+    seed: int,
+    prefix: int,
+    chunk: int,
+    on_done: Callable[[int, Generation], None] | None = None,
 ) -> list[Generation]:
-    """Run one stage for every prompt of the group at once; one Generation per prompt, in order.
+    """Run one stage for every prompt in ``token_lists``, up to ``pctx.n_seq - 1`` at a time.
 
-    ``prefix`` leading tokens (the same in every prompt) are evaluated once and copied to
-    every sequence; the rest of each prompt goes in ``chunk``-token pieces, never split
-    between two decodes differently from the sequential path, whose logits it reproduces.
-    Seconds are the group's, divided by its size: the prompts ran together, so that is
-    what each one cost.
+    Continuous batching: each step decodes one token for every prompt in a slot, and a
+    prompt that finishes hands its slot to the next one at once, so the batch stays full
+    until the queue runs dry (fixed groups would wait for their longest answer).
+
+    ``prefix`` leading tokens (the same in every prompt) are evaluated once into the last
+    sequence, which keeps them, and copied into a slot for each new prompt; the rest of
+    each prompt goes in ``chunk``-token decodes of its own, as ``Llama.eval`` would. Packing
+    several prompts' rests into one decode would be no faster (prompt evaluation is
+    compute-bound) and not exact: llama.cpp splits a multi-stream batch into ubatches with
+    equal tokens per sequence, which moves each prompt's split points.
+
+    ``on_done(index, generation)`` is called as each prompt finishes. A Generation's
+    seconds are its own span, from entering a slot to its last token, shared with the
+    prompts it ran beside.
     """
     lc = _llama_cpp()
     lm = pctx.lm
     llm = lm.llm
-    n = len(token_lists)
+    width = pctx.n_seq - 1  # the last sequence holds the shared prefix
+    keep = width
     s = stage.sampling
     mem = lc.llama_get_memory(pctx.ctx)
     lc.llama_memory_clear(mem, False)
     outs = [Generation(prompt_tokens=len(t), cached_prompt_tokens=prefix) for t in token_lists]
-    collectors = [TokenCollector(lm, stage) for _ in token_lists]
-    batch = _Batch(pctx.n_batch, n)
-    llm.set_seed(seed)  # _init_sampler seeds from the Llama, as Llama.generate does
-    # one sampler chain per sequence for its whole generation, as Llama.generate keeps one:
-    # its repeat-penalty history and its random state carry from token to token
-    samplers = [llm._init_sampler(temp=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                                  repeat_penalty=s.repeat_penalty) for _ in token_lists]
-    t0 = time.perf_counter()
-    tokens = [0] * n  # each sequence's latest sampled token
-    waiting: dict[int, int] = {}  # sequence -> batch slot whose logits it samples after the next decode
+    batch = _Batch(pctx.n_batch, pctx.n_seq)
+    queue = list(range(len(token_lists)))
+    queue.reverse()  # pop() takes them in order
+    slots: dict[int, _Slot] = {}  # sequence id -> the prompt in it
 
-    def flush() -> None:
-        batch.decode(pctx.ctx)
-        for k, slot in waiting.items():  # a decode's logits are gone after the next one: sample now
-            tokens[k] = lc.llama_sampler_sample(samplers[k].sampler, pctx.ctx, slot)
-        waiting.clear()
+    def sample(slot: "_Slot", idx: int) -> None:
+        slot.token = lc.llama_sampler_sample(slot.sampler.sampler, pctx.ctx, idx)
+
+    def admit(seq: int, k: int) -> None:
+        """Put prompt ``k`` into sequence ``seq``: copy the prefix, evaluate its rest, sample."""
+        llm.set_seed(seed)  # _init_sampler seeds from the Llama, as Llama.generate does
+        # one sampler chain per prompt for its whole generation, as Llama.generate keeps one:
+        # its repeat-penalty history and random state carry from token to token
+        sampler = llm._init_sampler(temp=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                                    repeat_penalty=s.repeat_penalty)
+        slot = _Slot(k, TokenCollector(lm, stage), sampler, pos=len(token_lists[k]), t0=time.perf_counter())
+        slots[seq] = slot
+        lc.llama_memory_seq_rm(mem, seq, -1, -1)
+        if prefix:
+            lc.llama_memory_seq_cp(mem, keep, seq, -1, -1)
+        toks = token_lists[k]
+        for start in range(prefix, len(toks), chunk):
+            end = min(start + chunk, len(toks))
+            for p in range(start, end):
+                idx = batch.add(toks[p], p, (seq,), p == len(toks) - 1)
+            batch.decode(pctx.ctx)
+        sample(slot, idx)
+        slot.t_first = time.perf_counter()
+
+    def retire(seq: int) -> None:
+        slot = slots.pop(seq)
+        slot.sampler.close()
+        c, g = slot.collector, outs[slot.k]
+        c.finish()
+        g.text, g.stop_reason, g.completion_tokens = c.output, c.stop_reason, c.n
+        end = time.perf_counter()
+        g.prompt_seconds = slot.t_first - slot.t0
+        g.gen_seconds = end - slot.t_first
+        if on_done:
+            on_done(slot.k, g)
 
     try:
-        for start in range(0, prefix, chunk):  # the shared prefix, in sequence 0 only, as Llama.eval would
+        for start in range(0, prefix, chunk):  # the shared prefix, kept in its own sequence
             for p in range(start, min(start + chunk, prefix)):
-                batch.add(token_lists[0][p], p, (0,), False)
-            flush()
-        for k in range(1, n if prefix else 0):
-            lc.llama_memory_seq_cp(mem, 0, k, -1, -1)
-        pos = [len(t) for t in token_lists]
-        for k, toks in enumerate(token_lists):  # each prompt's own rest; logits only for its last token
-            for start in range(prefix, len(toks), chunk):
-                piece = range(start, min(start + chunk, len(toks)))
-                if batch.n + len(piece) > batch.capacity:
-                    flush()
-                for p in piece:
-                    slot = batch.add(toks[p], p, (k,), p == len(toks) - 1)
-                if piece[-1] == len(toks) - 1:
-                    waiting[k] = slot
-        if batch.n:
-            flush()
-        t_first = time.perf_counter()
-        live = list(range(n))
+                batch.add(token_lists[0][p], p, (keep,), False)
+            batch.decode(pctx.ctx)
         while True:
-            for k in live:
-                collectors[k].feed(tokens[k])  # batch mode keeps only the final text, not the pieces
-            live = [k for k in live if not collectors[k].done]
-            if not live:
+            for seq in range(width):
+                if seq not in slots and queue:
+                    admit(seq, queue.pop())
+            if not slots:
                 break
-            for k in live:
-                waiting[k] = batch.add(tokens[k], pos[k], (k,), True)
-                pos[k] += 1
-            flush()
-        t_end = time.perf_counter()
+            for seq in list(slots):  # the token each slot just sampled: keep it or finish
+                slot = slots[seq]
+                slot.collector.feed(slot.token)  # batch mode keeps only the final text, not the pieces
+                if slot.collector.done:
+                    retire(seq)
+            if not slots:
+                continue  # admit the next prompts, if any
+            waiting = {}
+            for seq, slot in slots.items():
+                waiting[seq] = batch.add(slot.token, slot.pos, (seq,), True)
+                slot.pos += 1
+            batch.decode(pctx.ctx)
+            for seq, idx in waiting.items():
+                sample(slots[seq], idx)
     finally:
         batch.close()
-        for smp in samplers:
-            smp.close()
-    for g, c in zip(outs, collectors):
-        c.finish()
-        g.text = c.output
-        g.stop_reason = c.stop_reason
-        g.completion_tokens = c.n
-        g.prompt_seconds = (t_first - t0) / n
-        g.gen_seconds = (t_end - t_first) / n
+        for slot in slots.values():
+            slot.sampler.close()
     return outs
 
+
+@dataclass
+class _Slot:
+    """One prompt occupying a sequence of the context."""
+
+    k: int
+    collector: TokenCollector
+    sampler: Any
+    pos: int
+    t0: float
+    token: int = 0
+    t_first: float = 0.0

@@ -9,7 +9,7 @@ generator that yields the final stage's text as it is produced and *returns* the
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Generator
 
 from .errors import PromptError
@@ -145,23 +145,39 @@ class Pipeline:
                 return done.value
 
     def finish_stage_group(
-        self, i: int, group: list[dict[str, str]], *, truncate: bool = False, spare_bytes: int | None = None
+        self,
+        i: int,
+        group: list[dict[str, str]],
+        *,
+        width: int,
+        truncate: bool = False,
+        spare_bytes: int | None = None,
+        on_trace: Callable[[int, StageTrace], None] | None = None,
     ) -> list[StageTrace]:
-        """Run stage ``i`` for several prompts' ``values`` at once, decoded together (parallel.py).
+        """Run stage ``i`` for every prompt's ``values`` in ``group``, ``width`` decoded together.
 
         ``spare_bytes`` is what the memory budget leaves for the extra multi-sequence
-        context; a group that would need more is split, down to one prompt at a time
-        (the ordinary path). Each trace's seconds and costs are the group's divided by its size.
+        context; a width that would need more is halved, down to one prompt at a time (the
+        ordinary path). ``on_trace(index, trace)`` is called as each prompt finishes, so a
+        caller can save it at once. Sampled stages (temperature > 0) always go one at a
+        time: in our tests their draws did not match the sequential path's.
         """
         from .memory import compute_bytes, effective_kv_type, kv_cache_bytes
         from .parallel import ParallelContext, chunk_size, generate_group, seq_cells
 
         stage = self.manifest.stages[i]
-        if len(group) == 1 or stage.sampling.temperature > 0:
-            # sampled stages run one at a time: their draws matched the sequential path's only
-            # for the first tokens in our tests, so batch mode would not give single-run answers
-            return [self.finish_stage(i, v, truncate=truncate) for v in group]
-        t0 = time.perf_counter()
+
+        def one_by_one() -> list[StageTrace]:
+            traces = []
+            for j, v in enumerate(group):
+                traces.append(self.finish_stage(i, v, truncate=truncate))
+                if on_trace:
+                    on_trace(j, traces[-1])
+            return traces
+
+        width = min(width, len(group))
+        if width < 2 or stage.sampling.temperature > 0:
+            return one_by_one()
         c0 = self.pool.counters.snapshot()
         lm = self.pool.get(self.models[stage.model])
         prepared = [prepare(lm, stage, v, self.pool.settings.ctx_size, truncate=truncate) for v in group]
@@ -172,31 +188,37 @@ class Pipeline:
         splits = {prefix_split(lm, stage, t, active) for t in token_lists}
         prefix = splits.pop() if len(splits) == 1 else -1
         if prefix < 0 or any(t[:prefix] != token_lists[0][:prefix] for t in token_lists):
-            return [self.finish_stage(i, v, truncate=truncate) for v in group]  # no common split: one by one
+            return one_by_one()  # no split common to all (rare: a tokenizer merge at the boundary)
         cells = seq_cells(token_lists, stage.max_tokens)
         info = lm.model.info
         kv_type = effective_kv_type(info, self.pool.settings.kv_cache_type)
-        n_ctx = cells * len(group)
-        extra = kv_cache_bytes(info, n_ctx, kv_type) + compute_bytes(info, self.pool.settings.batch_size, n_ctx)
-        if spare_bytes is not None and extra > spare_bytes:
-            half = len(group) // 2
-            return (self.finish_stage_group(i, group[:half], truncate=truncate, spare_bytes=spare_bytes)
-                    + self.finish_stage_group(i, group[half:], truncate=truncate, spare_bytes=spare_bytes))
+
+        def extra(w: int) -> int:
+            n_ctx = cells * (w + 1)
+            return kv_cache_bytes(info, n_ctx, kv_type) + compute_bytes(info, self.pool.settings.batch_size, n_ctx)
+
+        while spare_bytes is not None and width >= 2 and extra(width) > spare_bytes:
+            width //= 2
+        if width < 2:
+            return one_by_one()
         self.pool.close_parallel(keep=lm)
-        if lm.parallel is None or not lm.parallel.fits(lm, len(group), cells):
+        if lm.parallel is None or lm.parallel.n_seq != width + 1 or not lm.parallel.fits(lm, width + 1, cells):
             self.pool.close_parallel()
-            lm.parallel = ParallelContext.open(lm, self.pool.settings, len(group), cells, kv_type)
+            lm.parallel = ParallelContext.open(lm, self.pool.settings, width + 1, cells, kv_type)
         lm.parallel.use_adapter(adapter, self.pool.counters)
-        gens = generate_group(lm.parallel, stage, token_lists, self.pool.settings.seed + i, prefix,
-                              chunk_size(self.pool.settings))
-        seconds = (time.perf_counter() - t0) / len(group)
-        spent = self.pool.counters.since(c0)
-        cost = replace(spent, load_seconds=spent.load_seconds / len(group), swap_seconds=spent.swap_seconds / len(group))
-        traces = []
-        for gen, (_, dropped) in zip(gens, prepared):
-            gen.truncated_input_tokens = dropped
-            traces.append(_trace(stage, gen, adapter, seconds, cost))
-        return traces
+        setup = self.pool.counters.since(c0)
+        traces: list[StageTrace | None] = [None] * len(group)
+
+        def done(j: int, gen: Generation) -> None:
+            gen.truncated_input_tokens = prepared[j][1]
+            cost = setup if j == 0 else PoolCounters()  # loads and swaps are charged to the first prompt
+            traces[j] = _trace(stage, gen, adapter, gen.prompt_seconds + gen.gen_seconds, cost)
+            if on_trace:
+                on_trace(j, traces[j])
+
+        generate_group(lm.parallel, stage, token_lists, self.pool.settings.seed + i, prefix,
+                       chunk_size(self.pool.settings), on_done=done)
+        return [t for t in traces if t is not None]
 
     def execute(
         self,

@@ -32,7 +32,7 @@ def test_parallel_batch_equals_single_runs(tmp_path, stack_name, temperature):
     inp = write_inputs(tmp_path / "in.jsonl", PROMPTS[:5])
     out = tmp_path / "out.jsonl"
     with Stack.load(stack_name, max_tokens=12, temperature=temperature, preload=False) as stack:
-        report = run_batch(stack, inp, out, parallel=3)  # groups of 3 and 2
+        report = run_batch(stack, inp, out, parallel=3)  # 5 prompts through 3 slots
         assert all(lm.parallel is None for lm in stack.pipeline.pool._loaded.values())  # nothing left behind
         singles = {p: stack.run(p) for p in PROMPTS[:5]}
     assert report.completed == 5 and report.loads == 1
@@ -45,17 +45,19 @@ def test_parallel_batch_equals_single_runs(tmp_path, stack_name, temperature):
         assert [s["stop_reason"] for s in r["stages"]] == [s.stop_reason for s in single.stages]
 
 
-def test_group_shares_its_prompt_prefix_and_fits_the_budget():
+def test_slots_share_the_prompt_prefix_and_fit_the_budget():
     values = [{"input": p} for p in PROMPTS[:4]]
+    seen = []
     with Stack.load("fslm-smollm2", max_tokens=8, preload=False) as stack:
         pipe = stack.pipeline
-        together = pipe.finish_stage_group(0, values)
+        together = pipe.finish_stage_group(0, values, width=2, on_trace=lambda j, t: seen.append(j))
+        assert sorted(seen) == [0, 1, 2, 3]  # each reported as it finished
         assert all(t.cached_prompt_tokens > 10 for t in together)  # the system prompt went in once
         lm = next(iter(pipe.pool._loaded.values()))
-        assert lm.parallel is not None and lm.parallel.n_seq == 4
+        assert lm.parallel is not None and lm.parallel.n_seq == 3  # two slots and the prefix
         pipe.pool.close_parallel()
-        # no spare memory: the group is split down to one prompt at a time, with the same outputs
-        alone = pipe.finish_stage_group(0, values, spare_bytes=0)
+        # no spare memory: the width is halved down to one prompt at a time, with the same outputs
+        alone = pipe.finish_stage_group(0, values, width=4, spare_bytes=0)
         assert lm.parallel is None
     assert [t.output for t in together] == [t.output for t in alone]
 
