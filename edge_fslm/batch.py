@@ -155,8 +155,9 @@ def run_batch(
     """Run every prompt of ``input_path`` through ``stack`` stage-major, appending to ``output_path``.
 
     With ``parallel`` > 1, up to that many prompts of a stage are decoded together
-    (parallel.py) while the memory budget leaves room for the extra context; the outputs
-    are the same. Re-running the same command after a kill resumes where it stopped.
+    (parallel.py) while the memory budget leaves room for the extra context: faster, but
+    an answer can differ slightly from a one-at-a-time run. Re-running the same command
+    after a kill resumes where it stopped.
     """
     if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= MAX_PARALLEL:
         raise EdgeFSLMError(f"--parallel {parallel}: expected an integer from 1 to {MAX_PARALLEL}")

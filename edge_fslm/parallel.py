@@ -13,16 +13,17 @@ batch; a prompt that finishes hands its slot to the next (continuous batching).
 
 Exactness: llama.cpp's logits depend on where a prompt is split between decodes (moving
 the split moves logits by up to ~1 on this model), so every prompt is split exactly where
-the sequential path splits it (its prefix cache, then ``n_batch`` chunks). The streams
-are kept separate (``kv_unified = false``): with one unified cache, llama.cpp 0.3.36's CPU
-logits drifted by up to ~1.0 from the same prompt run alone; with separate streams they
-are bit-identical. Sampling uses llama-cpp-python's own sampler construction
-(``Llama._init_sampler``, the pinned 0.3.36 API), and stop rules the same
-:class:`~edge_fslm.stage.TokenCollector` as the sequential path.
-
-So greedy outputs are the sequential path's, token for token (tests/test_parallel.py).
-Stages that sample (temperature > 0) are not batched: in our tests their draws drifted
-from the sequential path's after a few tokens, for a reason not yet found.
+the sequential path splits it (its prefix cache, then ``n_batch`` chunks), and each
+prompt's rest gets decodes of its own. With that, a prompt's first token is bit-identical
+to a one-at-a-time run (tests/test_parallel.py). Later steps are not always: once the
+sequences in a step sit at different lengths, llama.cpp 0.3.36's CPU logits drift from
+the single-sequence ones (by ~0.5 after a few dozen tokens in our probes), and a greedy
+near-tie can flip. In benchmarks/batch_throughput.py most answers come out the same, not
+all, so parallel decoding is opt-in (``--parallel``). The KV streams are kept separate
+(``kv_unified = false``): a unified cache drifted from the first token. Sampling uses
+llama-cpp-python's own sampler construction (``Llama._init_sampler``, the pinned 0.3.36
+API) and stop rules the same :class:`~edge_fslm.stage.TokenCollector` as the sequential
+path. Sampled stages (temperature > 0) are not batched.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ class Pipeline:
         context; a width that would need more is halved, down to one prompt at a time (the
         ordinary path). ``on_trace(index, trace)`` is called as each prompt finishes, so a
         caller can save it at once. Sampled stages (temperature > 0) always go one at a
-        time: in our tests their draws did not match the sequential path's.
+        time. Greedy answers can differ slightly from one-at-a-time runs (see parallel.py).
         """
         from .memory import compute_bytes, effective_kv_type, kv_cache_bytes
         from .parallel import ParallelContext, chunk_size, generate_group, seq_cells
@@ -183,12 +183,13 @@ class Pipeline:
         prepared = [prepare(lm, stage, v, self.pool.settings.ctx_size, truncate=truncate) for v in group]
         token_lists = [t for t, _ in prepared]
         adapter = self.adapters.get(stage.name)
-        # split every prompt where the sequential path would (its saved prefix), so the logits are its own
+        # split every prompt where the sequential path would: at its saved prefix (or the one the
+        # first prompt would save) when the prompt starts with it, else nowhere
         active = None if adapter is None else (str(adapter.path), adapter.scale)
-        splits = {prefix_split(lm, stage, t, active) for t in token_lists}
-        prefix = splits.pop() if len(splits) == 1 else -1
-        if prefix < 0 or any(t[:prefix] != token_lists[0][:prefix] for t in token_lists):
-            return one_by_one()  # no split common to all (rare: a tokenizer merge at the boundary)
+        n = prefix_split(lm, stage, token_lists[0], active)
+        saved = token_lists[0][:n]
+        with_prefix = [j for j, t in enumerate(token_lists) if n and t[:n] == saved]
+        without = [j for j in range(len(group)) if j not in set(with_prefix)]
         cells = seq_cells(token_lists, stage.max_tokens)
         info = lm.model.info
         kv_type = effective_kv_type(info, self.pool.settings.kv_cache_type)
@@ -216,8 +217,10 @@ class Pipeline:
             if on_trace:
                 on_trace(j, traces[j])
 
-        generate_group(lm.parallel, stage, token_lists, self.pool.settings.seed + i, prefix,
-                       chunk_size(self.pool.settings), on_done=done)
+        for part, prefix in ((with_prefix, n), (without, 0)):
+            if part:
+                generate_group(lm.parallel, stage, [token_lists[j] for j in part], self.pool.settings.seed + i,
+                               prefix, chunk_size(self.pool.settings), on_done=lambda k, g, part=part: done(part[k], g))
         return [t for t in traces if t is not None]
 
     def execute(
