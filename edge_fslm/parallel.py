@@ -211,31 +211,51 @@ def generate_group(
         if on_done:
             on_done(slot.k, g)
 
+    def took(seq: int) -> None:
+        """The slot sampled a token: keep it, or finish the prompt and free the slot."""
+        slot = slots[seq]
+        slot.collector.feed(slot.token)  # batch mode keeps only the final text, not the pieces
+        if slot.collector.done:
+            retire(seq)
+
+    def compact() -> None:
+        """Move the last busy slots into the free ones below them (a KV stream copy each), so the
+        busy sequence ids stay consecutive once the queue has run dry."""
+        while True:
+            free = [q for q in range(width) if q not in slots]
+            if not free or not slots or max(slots) < free[0]:
+                return
+            src, dst = max(slots), free[0]
+            lc.llama_memory_seq_rm(mem, dst, -1, -1)
+            lc.llama_memory_seq_cp(mem, src, dst, -1, -1)
+            lc.llama_memory_seq_rm(mem, src, -1, -1)
+            slots[dst] = slots.pop(src)
+
     try:
         for start in range(0, prefix, chunk):  # the shared prefix, kept in its own sequence
             for p in range(start, min(start + chunk, prefix)):
                 batch.add(token_lists[0][p], p, (keep,), False)
             batch.decode(pctx.ctx)
         while True:
+            # refill every free slot before the next step: llama.cpp splits a step whose sequence
+            # ids are not consecutive into several ubatches, which costs nearly a decode each
             for seq in range(width):
-                if seq not in slots and queue:
+                while seq not in slots and queue:
                     admit(seq, queue.pop())
+                    took(seq)
             if not slots:
                 break
-            for seq in list(slots):  # the token each slot just sampled: keep it or finish
-                slot = slots[seq]
-                slot.collector.feed(slot.token)  # batch mode keeps only the final text, not the pieces
-                if slot.collector.done:
-                    retire(seq)
-            if not slots:
-                continue  # admit the next prompts, if any
+            if not queue:
+                compact()
             waiting = {}
-            for seq, slot in slots.items():
+            for seq in sorted(slots):
+                slot = slots[seq]
                 waiting[seq] = batch.add(slot.token, slot.pos, (seq,), True)
                 slot.pos += 1
             batch.decode(pctx.ctx)
             for seq, idx in waiting.items():
                 sample(slots[seq], idx)
+                took(seq)
     finally:
         batch.close()
         for slot in slots.values():
