@@ -66,30 +66,10 @@ NAMING_KEYS = ("general.name", "general.basename", "general.finetune", "general.
 #: keys we write explicitly with llama.cpp's default value, which its converter leaves out
 EXPLICIT_DEFAULTS = {"tokenizer.ggml.add_eos_token": False}
 
-# The conversion tests' 20 prompts (tests/test_convert_common.py): digits, runs of spaces, newlines, tabs,
-# accents, CJK, emoji and the chat template's special tokens.
-PROMPTS = (
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog.",
-    "What is 12 + 345? The answer is 357.",
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-    "  two  spaces   and three",
-    "Café, naïve, résumé and façade.",
-    "line one\nline two\n\nline four",
-    "tabs\tbetween\twords and pi = 3.14159",
-    "日本語のテキストと中文",
-    "emoji 🙂 in the middle 🚀!",
-    "def add(a, b):\n    return a + b\n",
-    "Give three tips for staying healthy.",
-    "Rewrite this sentence in the passive voice: The cat chased the mouse.",
-    "In 1969, Apollo 11 landed on the Moon; 600 million people watched.",
-    "URL: https://example.com/path?q=1&r=2",
-    "\"Quoted\" and 'single' ... ellipsis -- dashes",
-    "UPPER lower MiXeD",
-    "a",
-    "Explain photosynthesis in one paragraph for a ten-year-old.",
-    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 10000",
-)
+# The conversion tests' 20 prompts: digits, runs of spaces, newlines, tabs, accents, CJK, emoji
+# and the chat template's special tokens.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.test_convert_common import PROMPTS  # noqa: E402
 
 _SMOLLM2_PRE = {"type": "Sequence", "pretokenizers": [
     {"type": "Digits", "individual_digits": True},
