@@ -1,6 +1,6 @@
 """Reliability: hostile inputs end cleanly, fuzzers find nothing, and a long soak leaks nothing.
 
-Three parts, all in this one run:
+Four parts, all in this one run:
 
 * **Corpora.** Every hostile model/adapter file and every hostile manifest of the test suite
   (tests/test_hostile_common.py), generated in a temp dir and fed to the real ``edge-fslm``
@@ -16,7 +16,12 @@ Three parts, all in this one run:
   runs one prompt and closes it. Checked: the peak RSS of every run (psutil sampler + VmHWM)
   against its budget, and RSS after the last run against RSS after the first (within 10 MB).
 
-    python benchmarks/reliability.py [--soak-runs 300] [--fuzz-scale 1] [--skip-soak]
+* **Killed batches.** ``edge-fslm run --input --output --parallel 4`` on 40 prompts, killed
+  with SIGKILL at ``--kills`` (10) random moments (seeded), re-run with the same command each
+  time, then run to the end. *Data lost* counts input ids missing from the output, ids
+  written twice, and rows without all four stage outputs and an answer.
+
+    python benchmarks/reliability.py [--soak-runs 300] [--fuzz-scale 1] [--kills 10] [--skip-soak]
 
 Writes benchmarks/results/reliability.json; the last lines printed are the summary ratios.
 """
@@ -195,11 +200,64 @@ def run_soak(n_runs: int, workdir: Path) -> dict:
     }
 
 
+def run_kills(n_kills: int, workdir: Path, seed: int = 0) -> dict:
+    """SIGKILL a real batch run at random moments, resume it each time, and count what was lost."""
+    import json
+    import random
+    import shutil
+    import signal
+    import subprocess
+
+    rng = random.Random(seed)
+    prompts = [f"{p} (variant {i})" for i in range(8) for p in PROMPTS]
+    inp = workdir / "kill-in.jsonl"
+    out = workdir / "kill-out.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    exe = shutil.which("edge-fslm")
+    cmd = ([exe] if exe else [sys.executable, "-m", "edge_fslm.cli"]) + [
+        "run", "--input", str(inp), "--output", str(out), "--max-tokens", "8", "--parallel", "4"]
+    kills, attempts, delays, lines_at_kill = 0, 0, [], []
+    while kills < n_kills and attempts < 3 * n_kills:
+        attempts += 1
+        delay = rng.uniform(0.3, 4.0)  # from start-up (before any output) to deep in a stage
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+            delays.append(round(delay, 2))
+        proc.wait()
+        lines_at_kill.append(len(out.read_bytes().splitlines()) if out.exists() else 0)
+        if proc.returncode == 0:
+            break  # finished before the kill: nothing left to interrupt
+    final = subprocess.run(cmd, capture_output=True, timeout=1800)
+    rows, torn = [], 0
+    for line in out.read_bytes().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            torn += 1
+    ids = [r.get("id") for r in rows]
+    want = {f"q{i}" for i in range(len(prompts))}
+    missing = len(want - set(ids))
+    duplicated = len(ids) - len(set(ids))
+    incomplete = sum(1 for r in rows if not r.get("answer") or len(r.get("stages", [])) != 4
+                     or not all(st.get("output") for st in r["stages"]))
+    return {
+        "prompts": len(prompts), "kills": kills, "attempts": attempts, "kill_delays_seconds": delays,
+        "output_lines_after_each_attempt": lines_at_kill, "final_exit_code": final.returncode,
+        "missing_ids": missing, "duplicated_ids": duplicated, "incomplete_rows": incomplete, "torn_lines": torn,
+        "state_file_left": out.with_name(out.name + ".state.jsonl").exists(),
+        "data_lost": missing + duplicated + incomplete + torn,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--soak-runs", type=int, default=300)
     ap.add_argument("--fuzz-scale", type=float, default=1.0)
     ap.add_argument("--skip-soak", action="store_true")
+    ap.add_argument("--kills", type=int, default=10)
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -209,24 +267,25 @@ def main() -> None:
         corpora = run_corpora(work)
         print("fuzzing ...", flush=True)
         fuzz = run_fuzz(args.fuzz_scale, work)
+        print(f"killed batches: {args.kills} SIGKILLs at random moments, resumed each time ...", flush=True)
+        killed = run_kills(args.kills, work)
         soak = None
         if not args.skip_soak:
             print(f"soak: {args.soak_runs} runs in one process ...", flush=True)
             soak = run_soak(args.soak_runs, work)
 
     corpus_rows = corpora["model_files"] + corpora["manifests"]
-    crashes = sum(r["crash"] for r in corpus_rows) + fuzz["failures"]
+    crashes = sum(r["crash"] for r in corpus_rows) + fuzz["failures"] + int(killed["final_exit_code"] != 0)
     unclean = [r for r in corpus_rows if r["problem"]]
-    cases_tried = len(corpus_rows) + fuzz["cases"] + (soak["runs"] if soak else 0)
+    cases_tried = len(corpus_rows) + fuzz["cases"] + (soak["runs"] if soak else 0) + killed["attempts"]
     result = {
         "cases_tried": cases_tried,
         "crashes": crashes,
         "crash_definition": "a CLI process killed by a signal, timed out or printing a traceback, or a fuzz suite "
                             "in which any input raised something other than the parser's own error",
         "unclean_refusals": len(unclean),
-        "data_lost": None,
-        "data_lost_note": "batch mode (which queues requests and could lose them) is not built yet, so there is "
-                          "nothing to lose; this stays null until it exists",
+        "data_lost": killed["data_lost"],
+        "killed_batches": killed,
         "corpora": {
             "model_files": {"runs": len(corpora["model_files"]),
                             "clean": sum(1 for r in corpora["model_files"] if not r["problem"])},
@@ -259,6 +318,9 @@ def main() -> None:
     print(f"crashes                   {crashes} of {cases_tried} cases")
     print(f"clean refusals            {len(corpus_rows) - len(unclean)}/{len(corpus_rows)}"
           f" = {(len(corpus_rows) - len(unclean)) / max(1, len(corpus_rows)):.3f}")
+    print(f"killed batches            {killed['kills']} SIGKILLs, {killed['prompts']} prompts: "
+          f"{killed['missing_ids']} missing, {killed['duplicated_ids']} duplicated, {killed['incomplete_rows']} incomplete")
+    print(f"data lost                 {killed['data_lost']}")
     print(f"fuzz cases without error  {fuzz['cases'] - sum(r['cases'] for r in fuzz['suites'] if r['failure'])}/{fuzz['cases']}")
     if soak:
         growth = soak["rss_growth_bytes"]
