@@ -16,12 +16,12 @@ Four parts, all in this one run:
   runs one prompt and closes it. Checked: the peak RSS of every run (psutil sampler + VmHWM)
   against its budget, and RSS after the last run against RSS after the first (within 10 MB).
 
-* **Killed batches.** ``edge-fslm run --input --output --parallel 4`` on 40 prompts, killed
+* **Killed batches.** ``edge-fslm run --input --output --parallel 4`` on 8 prompts, killed
   with SIGKILL at ``--kills`` (10) random moments (seeded), re-run with the same command each
-  time, then run to the end. *Data lost* counts input ids missing from the output, ids
+  time, then run to the end; rounds on a fresh output repeat until all the kills have landed. *Data lost* counts input ids missing from the output, ids
   written twice, and rows without all four stage outputs and an answer.
 
-    python benchmarks/reliability.py [--soak-runs 300] [--fuzz-scale 1] [--kills 10] [--skip-soak]
+    python benchmarks/reliability.py [--soak-runs 300] [--fuzz-scale 1] [--kills 10] [--skip-soak] [--only-kills]
 
 Writes benchmarks/results/reliability.json; the last lines printed are the summary ratios.
 """
@@ -201,7 +201,12 @@ def run_soak(n_runs: int, workdir: Path) -> dict:
 
 
 def run_kills(n_kills: int, workdir: Path, seed: int = 0) -> dict:
-    """SIGKILL a real batch run at random moments, resume it each time, and count what was lost."""
+    """SIGKILL real batch runs at random moments, resume each time, and count what was lost.
+
+    A round is one batch of 8 prompts driven to the end through kills and resumes; rounds
+    repeat on a fresh output until ``n_kills`` kills have landed, so kills fall in every stage,
+    the last one (where results are written) included.
+    """
     import json
     import random
     import shutil
@@ -209,47 +214,57 @@ def run_kills(n_kills: int, workdir: Path, seed: int = 0) -> dict:
     import subprocess
 
     rng = random.Random(seed)
-    prompts = [f"{p} (variant {i})" for i in range(8) for p in PROMPTS]
+    prompts = [f"{p} (variant {i})" for i in range(2) for p in PROMPTS][:8]
     inp = workdir / "kill-in.jsonl"
-    out = workdir / "kill-out.jsonl"
     inp.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
     exe = shutil.which("edge-fslm")
-    cmd = ([exe] if exe else [sys.executable, "-m", "edge_fslm.cli"]) + [
-        "run", "--input", str(inp), "--output", str(out), "--max-tokens", "8", "--parallel", "4"]
-    kills, attempts, delays, lines_at_kill = 0, 0, [], []
-    while kills < n_kills and attempts < 3 * n_kills:
-        attempts += 1
-        delay = rng.uniform(0.3, 4.0)  # from start-up (before any output) to deep in a stage
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-            delays.append(round(delay, 2))
-        proc.wait()
-        lines_at_kill.append(len(out.read_bytes().splitlines()) if out.exists() else 0)
-        if proc.returncode == 0:
-            break  # finished before the kill: nothing left to interrupt
-    final = subprocess.run(cmd, capture_output=True, timeout=1800)
-    rows, torn = [], 0
-    for line in out.read_bytes().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            torn += 1
-    ids = [r.get("id") for r in rows]
     want = {f"q{i}" for i in range(len(prompts))}
-    missing = len(want - set(ids))
-    duplicated = len(ids) - len(set(ids))
-    incomplete = sum(1 for r in rows if not r.get("answer") or len(r.get("stages", [])) != 4
-                     or not all(st.get("output") for st in r["stages"]))
-    return {
-        "prompts": len(prompts), "kills": kills, "attempts": attempts, "kill_delays_seconds": delays,
-        "output_lines_after_each_attempt": lines_at_kill, "final_exit_code": final.returncode,
-        "missing_ids": missing, "duplicated_ids": duplicated, "incomplete_rows": incomplete, "torn_lines": torn,
-        "state_file_left": out.with_name(out.name + ".state.jsonl").exists(),
-        "data_lost": missing + duplicated + incomplete + torn,
-    }
+    kills, attempts, rounds = 0, 0, []
+    totals = {"missing_ids": 0, "duplicated_ids": 0, "incomplete_rows": 0, "torn_lines": 0, "failed_resumes": 0}
+    while kills < n_kills:
+        out = workdir / f"kill-out-{len(rounds)}.jsonl"
+        state = out.with_name(out.name + ".state.jsonl")
+        cmd = ([exe] if exe else [sys.executable, "-m", "edge_fslm.cli"]) + [
+            "run", "--input", str(inp), "--output", str(out), "--max-tokens", "8", "--parallel", "4"]
+        seen = []  # (delay, result lines, checkpoint lines) after each kill
+        while kills < n_kills:
+            attempts += 1
+            delay = rng.uniform(0.5, 5.0)  # from start-up (before any output) to deep in a stage
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(delay)
+            if proc.poll() is not None:
+                break  # this round finished before the kill
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            seen.append((round(delay, 2), _lines(out), _lines(state)))
+        final = subprocess.run(cmd, capture_output=True, timeout=1800)
+        rows, torn = [], 0
+        for line in out.read_bytes().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                torn += 1
+        ids = [r.get("id") for r in rows]
+        lost = {
+            "missing_ids": len(want - set(ids)),
+            "duplicated_ids": len(ids) - len(set(ids)),
+            "incomplete_rows": sum(1 for r in rows if not r.get("answer") or len(r.get("stages", [])) != 4
+                                   or not all(st.get("output") for st in r["stages"])),
+            "torn_lines": torn,
+            "failed_resumes": int(final.returncode != 0),
+        }
+        for k, v in lost.items():
+            totals[k] += v
+        rounds.append({"kills": [{"delay_s": d, "result_lines": r, "checkpoint_lines": c} for d, r, c in seen],
+                       "state_file_left": state.exists(), **lost})
+    return {"prompts_per_round": len(prompts), "kills": kills, "attempts": attempts, "rounds": rounds, **totals,
+            "data_lost": totals["missing_ids"] + totals["duplicated_ids"] + totals["incomplete_rows"]
+            + totals["torn_lines"]}
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
 
 
 def main() -> None:
@@ -258,9 +273,24 @@ def main() -> None:
     ap.add_argument("--fuzz-scale", type=float, default=1.0)
     ap.add_argument("--skip-soak", action="store_true")
     ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--only-kills", action="store_true",
+                    help="re-run only the killed batches and update them in the existing results file")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
+    if args.only_kills:
+        import json
+
+        with tempfile.TemporaryDirectory(prefix="edge-fslm-reliability-") as tmp:
+            killed = run_kills(args.kills, Path(tmp))
+        path = ROOT / "benchmarks" / "results" / "reliability.json"
+        result = json.loads(path.read_text())
+        result["cases_tried"] += killed["attempts"] - result.get("killed_batches", {}).get("attempts", 0)
+        result["crashes"] += killed["failed_resumes"] - result.get("killed_batches", {}).get("failed_resumes", 0)
+        result["data_lost"], result["killed_batches"] = killed["data_lost"], killed
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        _print_kills(killed)
+        return
     with tempfile.TemporaryDirectory(prefix="edge-fslm-reliability-") as tmp:
         work = Path(tmp)
         print("corpora: hostile model files and manifests through the real CLI ...", flush=True)
@@ -275,7 +305,7 @@ def main() -> None:
             soak = run_soak(args.soak_runs, work)
 
     corpus_rows = corpora["model_files"] + corpora["manifests"]
-    crashes = sum(r["crash"] for r in corpus_rows) + fuzz["failures"] + int(killed["final_exit_code"] != 0)
+    crashes = sum(r["crash"] for r in corpus_rows) + fuzz["failures"] + killed["failed_resumes"]
     unclean = [r for r in corpus_rows if r["problem"]]
     cases_tried = len(corpus_rows) + fuzz["cases"] + (soak["runs"] if soak else 0) + killed["attempts"]
     result = {
@@ -318,9 +348,7 @@ def main() -> None:
     print(f"crashes                   {crashes} of {cases_tried} cases")
     print(f"clean refusals            {len(corpus_rows) - len(unclean)}/{len(corpus_rows)}"
           f" = {(len(corpus_rows) - len(unclean)) / max(1, len(corpus_rows)):.3f}")
-    print(f"killed batches            {killed['kills']} SIGKILLs, {killed['prompts']} prompts: "
-          f"{killed['missing_ids']} missing, {killed['duplicated_ids']} duplicated, {killed['incomplete_rows']} incomplete")
-    print(f"data lost                 {killed['data_lost']}")
+    _print_kills(killed)
     print(f"fuzz cases without error  {fuzz['cases'] - sum(r['cases'] for r in fuzz['suites'] if r['failure'])}/{fuzz['cases']}")
     if soak:
         growth = soak["rss_growth_bytes"]
@@ -328,6 +356,16 @@ def main() -> None:
         print(f"soak budget exceeded      {soak['budget_exceeded']}/{soak['completed']}")
         if growth is not None:
             print(f"soak RSS growth           {growth / MB:+.1f} MB after run 1 → run {soak['runs']} (limit ±10 MB)")
+
+
+def _print_kills(killed: dict) -> None:
+    landed = [k for r in killed["rounds"] for k in r["kills"]]
+    earlier_steps = 3 * killed["prompts_per_round"]  # checkpoints of the three stages before the last
+    in_last_stage = sum(1 for k in landed if k["result_lines"] > 0 or k["checkpoint_lines"] >= earlier_steps)
+    print(f"killed batches            {killed['kills']} SIGKILLs over {len(killed['rounds'])} rounds of"
+          f" {killed['prompts_per_round']} prompts ({in_last_stage} in the last stage): "
+          f"{killed['missing_ids']} missing, {killed['duplicated_ids']} duplicated, {killed['incomplete_rows']} incomplete")
+    print(f"data lost                 {killed['data_lost']}")
 
 
 if __name__ == "__main__":
