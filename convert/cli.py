@@ -63,13 +63,15 @@ def _echo_json(obj: Any) -> None:
 @click.option("--outtype", "-t", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default="f16", show_default=True,
               help="Type of the 2-D weights (norms and biases stay f32).")
 @click.option("--pre-tokenizer", default=None,
-              help="Force llama.cpp's pre-tokenizer name (gpt-2, smollm, llama-bpe, ...) instead of detecting it.")
+              help="Force llama.cpp's pre-tokenizer name (gpt-2, smollm, llama-bpe, ...) of a byte-level BPE "
+                   "tokenizer instead of detecting it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(hf_dir: Path, out: Path | None, outtype: str, pre_tokenizer: str | None, as_json: bool) -> None:
     """Convert the Hugging Face checkpoint folder HF_DIR to a GGUF file OUT.
 
     OUT defaults to HF_DIR's name plus .OUTTYPE.gguf in the current folder.
-    Supported: LlamaForCausalLM (SmolLM2, Llama) and GPTNeoXForCausalLM (Pythia).
+    Supported: LlamaForCausalLM (SmolLM2, TinyLlama, Llama) and GPTNeoXForCausalLM (Pythia), with byte-level
+    BPE or SentencePiece tokenizers (SentencePiece needs the sentencepiece package).
     """
     from .hf_to_gguf import convert_hf
 
@@ -83,8 +85,9 @@ def convert(hf_dir: Path, out: Path | None, outtype: str, pre_tokenizer: str | N
         _echo_json(rep.to_dict())
         return
     types = ", ".join(f"{k} {v}" for k, v in rep.tensor_types.items())
+    tok = "SentencePiece tokenizer" if rep.tokenizer_model == "llama" else f"tokenizer pre {rep.tokenizer_pre}"
     click.echo(f"{rep.path}: {rep.gguf_architecture}, {rep.n_tensors} tensors ({types}), "
-               f"{_mb(rep.file_size)}, tokenizer pre {rep.tokenizer_pre}, {rep.seconds:.1f} s")
+               f"{_mb(rep.file_size)}, {tok}, {rep.seconds:.1f} s")
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
 

@@ -430,6 +430,8 @@ class ConvertReport:
     tokenizer_pre: str
     tensor_types: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: GGUF tokenizer model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    tokenizer_model: str = "gpt2"
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -450,7 +452,8 @@ def convert_hf(
 
     ``outtype`` sets the type of 2-D weights (f32, f16, bf16 or q8_0; q8_0 rows
     that are not a multiple of 32 fall back to f16); norms and biases stay
-    f32.  ``pre_tokenizer`` overrides the detected llama.cpp pre-tokenizer;
+    f32.  ``pre_tokenizer`` overrides the detected llama.cpp pre-tokenizer of a byte-level BPE
+    tokenizer (SentencePiece tokenizers have none);
     ``name`` sets general.name (default: config.json's name or the folder name).
     ``progress(done_bytes, total_bytes, tensor_name)`` is called after each tensor.
     """
@@ -521,6 +524,7 @@ def convert_hf(
         file_size=out.stat().st_size,
         seconds=time.perf_counter() - t0,
         tokenizer_pre=vocab.pre,
+        tokenizer_model=vocab.model,
         tensor_types=types,
         warnings=warnings,
     )
