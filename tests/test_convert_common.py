@@ -224,6 +224,94 @@ def tiny_llama_dir() -> Path:
     return out
 
 
+#: Added special tokens of the SentencePiece test model (a ChatML fine-tune of a Llama 2-style base, say).
+SPM_ADDED = ("<|im_start|>", "<|im_end|>")
+#: Rows of the SentencePiece test model's embedding past its tokenizer (padded, as many checkpoints are).
+SPM_PADDING = 6
+
+
+def _train_sentencepiece(out: Path, model_type: str, vocab_size: int, dummy_prefix: bool = True) -> Path:
+    """A real SentencePiece model trained on the test corpus, with Llama 2's tokenizer settings."""
+    pytest.importorskip("sentencepiece", reason="the SentencePiece conversion tests train a tokenizer.model")
+    import sentencepiece as spm
+
+    corpus = out.with_suffix(".txt")
+    corpus.write_text("\n".join(_CORPUS), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out.with_suffix("")), vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=dummy_prefix,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=0.99995,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    corpus.unlink()
+    return out.with_suffix(".model")
+
+
+@functools.cache
+def tiny_spm_model(model_type: str = "bpe", dummy_prefix: bool = True) -> Path:
+    """A ~500-piece SentencePiece ``tokenizer.model`` (Llama 2 / TinyLlama settings: BPE, byte fallback, identity
+    normalization, digits split, a dummy prefix, whitespace kept)."""
+    name = f"spm-{model_type}{'' if dummy_prefix else '-noprefix'}"
+    out = work_dir() / f"{name}.model"
+    if not out.is_file():
+        tmp = _train_sentencepiece(work_dir() / f"{name}.partial", model_type, 500 if model_type == "bpe" else 450,
+                                   dummy_prefix)
+        tmp.rename(out)
+    return out
+
+
+@functools.cache
+def tiny_spm_llama_dir() -> Path:
+    """A 2-layer Llama (GQA, untied output) whose tokenizer is a SentencePiece model, laid out like TinyLlama's repo.
+
+    The folder holds ``tokenizer.model`` and the transformers tokenizer built from it (``tokenizer.json``), plus
+    two added special tokens and a ``tokenizer_config.json`` that lists them in ``added_tokens_decoder`` with
+    ``add_bos_token``, as transformers 4 saved it (and as TinyLlama's and Llama 2's repos have it).  The
+    embedding has SPM_PADDING more rows than the tokenizer has tokens.
+
+    transformers 5 builds a Llama tokenizer from a ``tokenizer.model`` with SentencePieceExtractor, which needs
+    protobuf; here the same steps are done directly (the pieces in id order as the vocab, transformers'
+    ``generate_merges`` for the merges, LlamaTokenizer's own pipeline), so protobuf is not needed.
+    """
+    needs_train_extra()
+    out = work_dir() / "tiny-llama-spm"
+    if not (out / "config.json").is_file():
+        import sentencepiece as spm
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+        try:
+            from transformers.tokenization_utils_base import generate_merges
+        except ImportError:
+            pytest.skip("this transformers has no generate_merges (transformers >= 5 builds Llama tokenizers so)")
+        model_file = tiny_spm_model("bpe")
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+        tok = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, add_eos_token=False,
+                             legacy=False)
+        tok.add_special_tokens({"additional_special_tokens": list(SPM_ADDED)})
+        torch.manual_seed(2)
+        cfg = LlamaConfig(vocab_size=len(tok) + SPM_PADDING, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=2048, initializer_range=0.2, rms_norm_eps=1e-5, bos_token_id=1,
+                          eos_token_id=2, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg).eval()
+        _randomize_small_params(model, 2)
+        tmp = work_dir() / "tiny-llama-spm.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.copy(model_file, tmp / "tokenizer.model")
+        tc_path = tmp / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text(encoding="utf-8"))
+        specials = [("<unk>", 0), ("<s>", 1), ("</s>", 2)] + [(t, tok.convert_tokens_to_ids(t)) for t in SPM_ADDED]
+        tc.update({"add_bos_token": True, "add_eos_token": False, "legacy": False, "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                     "special": True} for t, i in specials}})
+        tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False), encoding="utf-8")
+        tmp.rename(out)
+    return out
+
+
 @functools.cache
 def tiny_neox_dir() -> Path:
     """A 2-layer GPT-NeoX (Pythia layout: fused qkv with biases, partial rotary, parallel residual).

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_convert_common import PROMPTS, converted, needs_train_extra, smollm2_hf_dir, work_dir
+from .test_convert_common import PROMPTS, converted, needs_train_extra, smollm2_hf_dir, tiny_spm_llama_dir, work_dir
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +82,24 @@ def test_gqa_llama_with_its_own_head_dim_matches_llamacpps_converter(bench):
     ours = work_dir() / f"{hf.name}.f32.ours.gguf"
     convert_hf(hf, ours, "f32")  # under a second; always this code's output, even with EDGE_FSLM_TEST_CACHE kept
     _assert_same(bench, ours, _reference(bench, hf, "f32"))
+
+
+def test_sentencepiece_llama_matches_llamacpps_converter(bench):
+    """A tokenizer.model (SentencePiece BPE, byte fallback, two added special tokens, 6 padded ids): llama.cpp's
+    _set_vocab_sentencepiece and ours write the same tokenizer keys, tensors and logits."""
+    hf = tiny_spm_llama_dir()
+    ours, ref = converted(hf, "f32"), _reference(bench, hf, "f32")
+    _assert_same(bench, ours, ref)
+    a, b = bench.read_kv(ours), bench.read_kv(ref)
+    tok_a = {k for k in a if k.startswith("tokenizer.")}
+    tok_b = {k for k in b if k.startswith("tokenizer.")}
+    # tokenizer_config.json says add_eos_token=false, so both write it (we would write false if it did not)
+    assert tok_a == tok_b and {"tokenizer.ggml.scores", "tokenizer.ggml.add_eos_token"} <= tok_b, tok_a ^ tok_b
+    for k in sorted(tok_b):
+        assert a[k] == b[k], k
+    assert a["tokenizer.ggml.model"][1] == "llama" and a["tokenizer.ggml.add_bos_token"][1] is True
+    lg = bench.compare_logits(ours, ref, threads=1, prompts=PROMPTS)
+    print(f"PARITY SentencePiece tiny llama f32 vs llama.cpp's converter: {len(a['tokenizer.ggml.tokens'][1])} tokens, "
+          f"{len(tok_b)} tokenizer keys identical; max|dlogit| {lg['max_abs_dlogit']:.3g}, top-1 {lg['top1_agree']}/{lg['positions']}")
+    assert lg["tokenization_mismatches"] == []
+    assert lg["max_abs_dlogit"] == 0.0
