@@ -172,61 +172,26 @@ def _load_sentencepiece(path: Path) -> Any:
     return sp
 
 
-def _proto_fields(buf: bytes) -> dict[int, list[Any]]:
-    """The top-level fields of a protobuf message: number -> values (ints for varints, bytes otherwise)."""
-    out: dict[int, list[Any]] = {}
-    i, n = 0, len(buf)
-
-    def varint() -> int:
-        nonlocal i
-        v = shift = 0
-        while True:
-            if i >= n:
-                raise ValueError("truncated varint")
-            b = buf[i]
-            i += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return v
-
-    while i < n:
-        key = varint()
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            val: Any = varint()
-        elif wire == 1:
-            val, i = buf[i:i + 8], i + 8
-        elif wire == 2:
-            size = varint()
-            val, i = buf[i:i + size], i + size
-        elif wire == 5:
-            val, i = buf[i:i + 4], i + 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        out.setdefault(num, []).append(val)
-    return out
-
-
 def _sentencepiece_settings(path: Path) -> dict[str, Any]:
-    """The trainer and normalizer settings that decide whether llama.cpp can tokenize like this model.
-
-    Read from the ModelProto without the protobuf package: trainer_spec (field 2) model_type (3);
-    normalizer_spec (field 3) name (1), add_dummy_prefix (3), remove_extra_whitespaces (4).
-    """
+    """The trainer and normalizer settings that decide whether llama.cpp can tokenize like this model,
+    read with sentencepiece's own ModelProto (as llama.cpp's converter does; needs protobuf)."""
     try:
-        top = _proto_fields(path.read_bytes())
-        trainer = _proto_fields(top.get(2, [b""])[-1])
-        norm = _proto_fields(top.get(3, [b""])[-1])
-    except (ValueError, OSError):
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        raise ConvertError(f"{path}: reading a SentencePiece tokenizer's settings needs protobuf — "
+                           "pip install protobuf (it comes with pip install 'edge-fslm[train]')") from None
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception:  # protobuf's DecodeError; the processor already loaded it, so this is unexpected
         return {}
-    model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(trainer.get(3, [1])[-1], "unknown")
-    name = norm.get(1, [b""])[-1]
+    model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(proto.trainer_spec.model_type, "unknown")
+    norm = proto.normalizer_spec
     return {
         "model_type": model_type,
-        "normalizer": name.decode("utf-8", "replace") if isinstance(name, bytes) else "",
-        "add_dummy_prefix": bool(norm.get(3, [1])[-1]),
-        "remove_extra_whitespaces": bool(norm.get(4, [1])[-1]),
+        "normalizer": norm.name,
+        "add_dummy_prefix": norm.add_dummy_prefix,
+        "remove_extra_whitespaces": norm.remove_extra_whitespaces,
     }
 
 
