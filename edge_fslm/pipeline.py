@@ -189,7 +189,7 @@ class Pipeline:
         n = prefix_split(lm, stage, token_lists[0], active)
         saved = token_lists[0][:n]
         with_prefix = [j for j, t in enumerate(token_lists) if n and t[:n] == saved]
-        without = [j for j in range(len(group)) if j not in set(with_prefix)]
+        without = sorted(set(range(len(group))) - set(with_prefix))
         cells = seq_cells(token_lists, stage.max_tokens)
         info = lm.model.info
         kv_type = effective_kv_type(info, self.pool.settings.kv_cache_type)
