@@ -69,7 +69,7 @@ EXPLICIT_DEFAULTS = {"tokenizer.ggml.add_eos_token": False}
 # The conversion tests' 20 prompts: digits, runs of spaces, newlines, tabs, accents, CJK, emoji
 # and the chat template's special tokens.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.test_convert_common import PROMPTS  # noqa: E402
+from tests.test_convert_common import PROMPTS, llama_logits  # noqa: E402
 
 _SMOLLM2_PRE = {"type": "Sequence", "pretokenizers": [
     {"type": "Digits", "individual_digits": True},
@@ -357,31 +357,10 @@ def compare_tensors(ours: Path, ref: Path) -> dict[str, Any]:
     }
 
 
-def llama_run(path: Path, prompts: tuple[str, ...], ids_all: list[list[int]] | None,
-              threads: int) -> tuple[list[list[int]], list[np.ndarray]]:
-    """llama.cpp's tokenization of each prompt, and its logits at every position for ``ids_all`` (or its own ids)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=threads,
-                          n_threads_batch=threads, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    try:
-        toks, outs = [], []
-        for i, prompt in enumerate(prompts):
-            t = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-            toks.append(t)
-            ids = ids_all[i] if ids_all is not None else t
-            llm.reset()
-            llm.eval(ids)
-            outs.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        return toks, outs
-    finally:
-        llm.close()
-
-
 def compare_logits(ours: Path, ref: Path, threads: int, prompts: tuple[str, ...] = PROMPTS) -> dict[str, Any]:
     """Both files in llama.cpp on the same token ids (the ones llama.cpp tokenizes with our file)."""
-    ids, a = llama_run(ours, prompts, None, threads)
-    ref_ids, b = llama_run(ref, prompts, ids, threads)
+    ids, a = llama_logits(ours, prompts, None, threads=threads)
+    ref_ids, b = llama_logits(ref, prompts, ids, threads=threads)
     max_all = max(float(np.abs(x - y).max()) for x, y in zip(a, b))
     max_next = max(float(np.abs(x[-1] - y[-1]).max()) for x, y in zip(a, b))
     agree = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(a, b))

@@ -303,6 +303,17 @@ def _add_sentencepiece_vocab(writer: gguf.GGUFWriter, folder: Path, spm_path: Pa
                      warnings=warnings)
 
 
+def _special_vocab(folder: Path, **kwargs: Any) -> gguf.SpecialVocab:
+    """gguf-py's SpecialVocab with its info-level chatter silenced (it logs every file it looks for)."""
+    gguf_log = logging.getLogger("gguf")
+    old = gguf_log.level
+    gguf_log.setLevel(logging.ERROR)
+    try:
+        return gguf.SpecialVocab(folder, **kwargs)
+    finally:
+        gguf_log.setLevel(old)
+
+
 def _write_llama_vocab(writer: gguf.GGUFWriter, folder: Path, tc: dict[str, Any], tj: dict[str, Any] | None,
                        tokens: list[str], scores: list[float], types: list[int]) -> dict[str, int]:
     """The keys llama.cpp's converter writes for a SentencePiece ("llama") vocabulary; returns the special ids."""
@@ -314,13 +325,7 @@ def _write_llama_vocab(writer: gguf.GGUFWriter, folder: Path, tc: dict[str, Any]
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf_log = logging.getLogger("gguf")
-    old = gguf_log.level
-    gguf_log.setLevel(logging.ERROR)
-    try:
-        special = gguf.SpecialVocab(folder, n_vocab=len(tokens))
-    finally:
-        gguf_log.setLevel(old)
+    special = _special_vocab(folder, n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
     # llama.cpp adds BOS to SentencePiece text unless told otherwise.  A tokenizer.json post-processor that
     # SpecialVocab found no leading special token in means transformers adds none: say so.
@@ -489,13 +494,7 @@ def _add_bpe_vocab(writer: gguf.GGUFWriter, folder: Path, tj_path: Path, tj: dic
     writer.add_token_types(types)
 
     # SpecialVocab knows every place HF keeps merges, special ids, add_bos/eos and the chat template.
-    gguf_log = logging.getLogger("gguf")
-    old = gguf_log.level
-    gguf_log.setLevel(logging.ERROR)
-    try:
-        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    finally:
-        gguf_log.setLevel(old)
+    special = _special_vocab(folder, load_merges=True, n_vocab=vocab_size)
     if not special.merges:
         raise ConvertError(f"{tj_path}: has no BPE merges — re-save the tokenizer")
     special.add_to_gguf(writer, quiet=True)

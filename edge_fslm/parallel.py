@@ -28,7 +28,6 @@ path. Sampled stages (temperature > 0) are not batched.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -89,7 +88,9 @@ class ParallelContext:
         return cls(lm=lm, ctx=ctx, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch)
 
     def fits(self, lm: LoadedModel, n_seq: int, cells: int) -> bool:
-        return self.ctx is not None and lm is self.lm and n_seq <= self.n_seq and cells <= self.n_ctx // self.n_seq
+        """Reusable for ``n_seq`` sequences of ``cells`` each: exactly as many sequences (the last
+        one holds the prefix, so a wider context would leave it where no slot expects it)."""
+        return self.ctx is not None and lm is self.lm and n_seq == self.n_seq and cells <= self.n_ctx // self.n_seq
 
     def use_adapter(self, adapter: ResolvedAdapter | None, counters: PoolCounters) -> None:
         want = None if adapter is None else (str(adapter.path), adapter.scale)

@@ -203,7 +203,7 @@ class Pipeline:
         if width < 2:
             return one_by_one()
         self.pool.close_parallel(keep=lm)
-        if lm.parallel is None or lm.parallel.n_seq != width + 1 or not lm.parallel.fits(lm, width + 1, cells):
+        if lm.parallel is None or not lm.parallel.fits(lm, width + 1, cells):
             self.pool.close_parallel()
             lm.parallel = ParallelContext.open(lm, self.pool.settings, width + 1, cells, kv_type)
         lm.parallel.use_adapter(adapter, self.pool.counters)

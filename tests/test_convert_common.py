@@ -449,16 +449,18 @@ def hf_logits(model_dir: Path, prompts: tuple[str, ...], *, adapter: Path | None
     return ids_all, logits_all
 
 
-def llama_logits(gguf_path: Path, prompts: list[str], ids_all: list[list[int]], *,
-                 adapter: Path | None = None, scale: float = 1.0) -> tuple[list[list[int]], list[np.ndarray]]:
-    """llama.cpp's own tokenization of each prompt, and its logits for the HF token ids.
+def llama_logits(gguf_path: Path, prompts: list[str], ids_all: list[list[int]] | None, *,
+                 adapter: Path | None = None, scale: float = 1.0,
+                 threads: int = 1) -> tuple[list[list[int]], list[np.ndarray]]:
+    """llama.cpp's own tokenization of each prompt, and its logits for the given token ids
+    (the HF ones; None: llama.cpp's own).
 
     The adapter is applied the way the runtime does it: llama_adapter_lora_init + llama_set_adapters_lora.
     """
     import llama_cpp
 
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
-                          n_threads=1, n_threads_batch=1,
+                          n_threads=threads, n_threads_batch=threads,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         if adapter is not None:
@@ -468,8 +470,9 @@ def llama_logits(gguf_path: Path, prompts: list[str], ids_all: list[list[int]], 
             rc = llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, arr, 1, (ctypes.c_float * 1)(scale))
             assert rc == 0
         toks, outs = [], []
-        for prompt, ids in zip(prompts, ids_all):
+        for i, prompt in enumerate(prompts):
             toks.append(llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
+            ids = toks[-1] if ids_all is None else ids_all[i]
             llm.reset()
             llm.eval(ids)
             outs.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
