@@ -5,10 +5,16 @@ one lock (a llama.cpp context holds one sequence's state at a time), and every r
 starts each stage from an empty KV cache, so concurrent callers get exactly the
 results they would get calling one after another. For parallel throughput, load one
 ``Stack`` per thread (each holds its own copy of the models) or use batch mode.
+
+A stream holds the lock while it is suspended. A stream its own thread abandoned (a
+``break`` out of the loop, an exception while printing a piece) would then block that
+thread's next call forever, so a new run, ``close`` or ``exclusive`` on the same thread
+first closes it. Another thread's stream is waited for, as any run in progress is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -161,7 +167,14 @@ class StreamingRun:
         return next(self._gen)
 
     def close(self) -> None:
+        """Stop the run now and free the stack for the next one."""
         self._gen.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> "StreamingRun":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -175,6 +188,37 @@ class Stack:
     plan: Plan | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _closed: bool = False
+    _owner: int | None = field(default=None, repr=False)  # thread id holding _lock
+    _active: "weakref.ref | None" = field(default=None, repr=False)  # the run generator holding _lock
+
+    @contextlib.contextmanager
+    def _locked(self, gen_ref: "weakref.ref | None" = None) -> Iterator[None]:
+        """Hold the run lock; close this thread's own abandoned stream first, instead of deadlocking."""
+        me = threading.get_ident()
+        if self._owner == me and self._active is not None:
+            abandoned = self._active()
+            if abandoned is not None:
+                try:
+                    abandoned.close()  # runs its finally: the lock is released
+                except ValueError:  # "generator already executing": called from inside a run's callback
+                    raise RuntimeError("a Stack cannot be used from inside one of its own run callbacks") from None
+        if self._owner == me and self._lock.locked():
+            raise RuntimeError("this thread already holds the Stack (a batch or run in progress)")
+        self._lock.acquire()
+        self._owner, self._active = me, gen_ref
+        try:
+            yield
+        finally:
+            self._owner, self._active = None, None
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator["Stack"]:
+        """Hold the stack for a multi-step job (batch mode) so no other run interleaves with it."""
+        with self._locked():
+            if self._closed:
+                raise RuntimeError("this Stack is closed")
+            yield self
 
     @classmethod
     def load(
@@ -243,8 +287,9 @@ class Stack:
         on_stage_end: Callable[[StageTrace], None] | None,
         holder: "weakref.ref[StreamingRun] | None",
         on_stage_start: Callable[[StageSpec], None] | None = None,
+        me: "list[weakref.ref]" = (),  # type: ignore[assignment]
     ) -> Iterator[str]:
-        with self._lock:
+        with self._locked(me[0] if me else None):
             if self._closed:
                 raise RuntimeError("this Stack is closed")
             sampler = RssSampler() if self.measure_rss else None
@@ -274,7 +319,9 @@ class Stack:
         on_stage_end: Callable[[StageTrace], None] | None = None,
     ) -> RunResult:
         """Run every stage on ``prompt`` and return the answer with its trace."""
-        gen = self._execute(prompt, truncate, on_stage_end, None, on_stage_start)
+        me: list = []
+        gen = self._execute(prompt, truncate, on_stage_end, None, on_stage_start, me)
+        me.append(weakref.ref(gen))
         while True:
             try:
                 next(gen)
@@ -288,13 +335,15 @@ class Stack:
         holder = StreamingRun(iter(()))
         # a weak reference: the generator must not keep its StreamingRun alive, or an abandoned
         # stream would hold the stack's lock until the garbage collector breaks the cycle
-        holder._gen = self._execute(prompt, truncate, on_stage_end, weakref.ref(holder))
+        me: list = []
+        holder._gen = self._execute(prompt, truncate, on_stage_end, weakref.ref(holder), None, me)
+        me.append(weakref.ref(holder._gen))
         return holder
 
     # -- lifetime ------------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
+        with self._locked():
             if not self._closed:
                 self._closed = True
                 self.pipeline.pool.close()

@@ -201,7 +201,7 @@ def run_batch(
             on_step(item, trace)
 
     try:
-        with stack._lock:
+        with stack.exclusive():
             spare = _spare_bytes(stack)
             for i, name in enumerate(stage_names):
                 todo = [item for item in pending if name not in item.traces]
