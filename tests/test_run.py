@@ -249,3 +249,27 @@ def test_stop_scanner_pieces_join_to_the_output(chunks, stops):
     text = "".join(chunks)
     cut = min([i for i in (text.find(s) for s in stops) if i >= 0], default=len(text))
     assert out == sc.output == text[:cut].strip()
+
+
+def test_abandoned_stream_does_not_block_the_next_run_or_close(smollm2_path):
+    """Breaking out of stream() used to leave the run lock held: run() and close() then hung."""
+    import threading
+
+    from edge_fslm import Stack
+
+    outcome = {}
+
+    def body():
+        st = Stack.load("fslm-smollm2", max_tokens=4, measure_rss=False)
+        streaming = st.stream("Say hi")  # still referenced, as the CLI's is when a write fails
+        for _ in streaming:
+            break
+        outcome["answer"] = st.run("Say hi").answer
+        st.close()
+        outcome["closed"] = True
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "run() or close() hung after an abandoned stream"
+    assert outcome.get("closed") and outcome["answer"]
