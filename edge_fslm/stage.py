@@ -8,6 +8,7 @@ llama-cpp-python's sandboxed Jinja formatter, so a hostile template cannot run c
 from __future__ import annotations
 
 import codecs
+import re
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -69,14 +70,53 @@ def render_prompt(lm: LoadedModel, stage: StageSpec, values: dict[str, str]) -> 
 
 def tokenize(lm: LoadedModel, text: str) -> list[int]:
     """Tokenize with special tokens parsed, adding BOS only where the model wants it and the text lacks it."""
+    return _tokens(lm, [(text, True)])
+
+
+def _tokens(lm: LoadedModel, segments: list[tuple[str, bool]]) -> list[int]:
+    """Tokenize (text, parse_special) segments in order; BOS goes before the first, once."""
     import llama_cpp
 
     add_bos = bool(llama_cpp.llama_vocab_get_add_bos(lm.vocab))
-    tokens = lm.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+    tokens: list[int] = []
+    for text, special in segments:
+        if text:
+            tokens += lm.llm.tokenize(text.encode("utf-8"), add_bos=add_bos and not tokens, special=special)
     bos = lm.llm.token_bos()
     if add_bos and len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
         tokens = tokens[1:]  # the chat template already wrote BOS
     return tokens
+
+
+def _speaks_special(lm: LoadedModel, text: str) -> bool:
+    """Whether ``text`` holds a special token's spelling (``<|im_start|>``, ``<s>``, ...)."""
+    raw = text.encode("utf-8")
+    return lm.llm.tokenize(raw, add_bos=False, special=True) != lm.llm.tokenize(raw, add_bos=False, special=False)
+
+
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARK = re.compile(_MARK_OPEN + r"([A-Za-z_][A-Za-z0-9_]*)" + _MARK_CLOSE)
+
+
+def prompt_tokens(lm: LoadedModel, stage: StageSpec, values: dict[str, str]) -> list[int]:
+    """The stage's prompt as tokens, where only the stage's own text can speak special tokens.
+
+    A field value (the user's input, an earlier stage's note) that spells ``<|im_end|>`` or
+    ``<|im_start|>system`` must stay text, or a request could close its own turn and write
+    a system message. Values that spell no special token are tokenized with the prompt
+    as one text, so ordinary prompts get exactly the tokens the adapters were trained on;
+    otherwise the prompt is rendered with a marker per field and the template's text and
+    the values are tokenized apart, the values with special tokens off.
+    """
+    if not any(_speaks_special(lm, values.get(f, "")) for f in stage.reads):
+        return tokenize(lm, render_prompt(lm, stage, values))
+    marked = render_prompt(lm, stage, {f: f"{_MARK_OPEN}{f}{_MARK_CLOSE}" for f in stage.reads})
+    parts = _MARK.split(marked)  # literal, field, literal, field, ..., literal
+    if any(_MARK_OPEN in p or _MARK_CLOSE in p for p in parts[::2]):  # a marker the template cut or changed
+        raise GGUFError(f"{lm.model.path}: the chat template alters the text of stage '{stage.name}' —"
+                        " use a raw `template` stage for this model")
+    segments = [(part, True) if i % 2 == 0 else (values.get(part, ""), False) for i, part in enumerate(parts)]
+    return _tokens(lm, segments)
 
 
 def prepare(
@@ -87,7 +127,7 @@ def prepare(
     With ``truncate`` the user's input is cut from the end until prompt + max_tokens fit.
     Returns (prompt tokens, number of input tokens dropped).
     """
-    tokens = tokenize(lm, render_prompt(lm, stage, values))
+    tokens = prompt_tokens(lm, stage, values)
     room = n_ctx - stage.max_tokens
     if len(tokens) <= room:
         return tokens, 0
@@ -105,7 +145,7 @@ def prepare(
             " — raise --ctx-size"
         )
     cut = lm.llm.detokenize(input_tokens[:keep]).decode("utf-8", errors="ignore")
-    tokens = tokenize(lm, render_prompt(lm, stage, {**values, "input": cut}))
+    tokens = prompt_tokens(lm, stage, {**values, "input": cut})
     if len(tokens) > room:
         raise PromptError(f"stage '{stage.name}': could not truncate the prompt to fit {n_ctx} tokens — raise --ctx-size")
     return tokens, len(input_tokens) - keep
