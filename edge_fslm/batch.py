@@ -16,12 +16,15 @@ Nothing is lost and nothing is duplicated, whatever kills the process:
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import EdgeFSLMError, PromptError
 from .pipeline import StageTrace, clean_prompt
@@ -33,6 +36,7 @@ class BatchItem:
     prompt: str
     values: dict[str, str] = field(default_factory=dict)
     traces: dict[str, dict] = field(default_factory=dict)
+    line: int = 0  # where it is in the input file
 
 
 @dataclass
@@ -47,6 +51,7 @@ class BatchReport:
     evictions: int
     adapter_swaps: int
     output: str
+    failed: list[str] = field(default_factory=list)  # one line per prompt that could not run (too long, ...)
 
 
 MAX_PARALLEL = 64
@@ -60,20 +65,53 @@ def _spare_bytes(stack) -> int | None:
     return max(plan.budget - plan.predicted_peak, 0)
 
 
+MAX_INPUT_BYTES = 1 << 30  # a batch input file
+MAX_LINE_BYTES = 16 << 20  # one JSONL line, in either direction
+
+
+def _regular_file(p: Path, what: str) -> bool:
+    """Whether ``p`` exists; a FIFO, device, socket or folder is refused (reading one can hang)."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise EdgeFSLMError(f"{p}: cannot read the {what} ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise EdgeFSLMError(f"{p}: is a directory — pass a JSONL file for the {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise EdgeFSLMError(f"{p}: is not a regular file (a pipe or device) — pass a JSONL file for the {what}")
+    return True
+
+
+def _lines(p: Path, what: str) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line without its newline, whether a newline ended it), read in bounded pieces."""
+    try:
+        with open(p, "rb") as f:
+            total = 0
+            for n in itertools.count(1):
+                line = f.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    return
+                total += len(line)
+                if len(line) > MAX_LINE_BYTES:
+                    raise EdgeFSLMError(f"{p}:{n}: a line over {MAX_LINE_BYTES >> 20} MiB — is this the {what}?")
+                if total > MAX_INPUT_BYTES:
+                    raise EdgeFSLMError(f"{p}: over {MAX_INPUT_BYTES >> 30} GiB — split the {what} into smaller files")
+                ended = line.endswith(b"\n")
+                yield n, line[:-1] if ended else line, ended
+    except OSError as exc:
+        raise EdgeFSLMError(f"{p}: cannot read the {what} ({exc.strerror})") from None
+
+
 def read_inputs(path: str | Path) -> list[BatchItem]:
     """Read ``{"id", "prompt"}`` lines; every problem names the file and line."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise EdgeFSLMError(f"{p}: no such input file") from None
-    except IsADirectoryError:
-        raise EdgeFSLMError(f"{p}: is a directory — pass a JSONL file of {{\"id\", \"prompt\"}} lines") from None
-    except OSError as exc:
-        raise EdgeFSLMError(f"{p}: cannot read ({exc.strerror})") from None
+    if not _regular_file(p, "batch input"):
+        raise EdgeFSLMError(f"{p}: no such input file")
     items: list[BatchItem] = []
     seen: set[str] = set()
-    for n, line in enumerate(raw.split(b"\n"), start=1):
+    for n, line, _ in _lines(p, "batch input"):
         if not line.strip():
             continue
         where = f"{p}:{n}"
@@ -97,49 +135,94 @@ def read_inputs(path: str | Path) -> list[BatchItem]:
             prompt = clean_prompt(obj["prompt"])
         except PromptError as exc:
             raise PromptError(f"{where}: {exc}") from None
-        items.append(BatchItem(id=item_id, prompt=prompt))
+        items.append(BatchItem(id=item_id, prompt=prompt, line=n))
     if not items:
         raise EdgeFSLMError(f"{p}: no prompts — expected one {{\"id\", \"prompt\"}} object per line")
     return items
 
 
-def _recover_jsonl(path: Path) -> list[dict]:
-    """Every complete JSON line of ``path``; a torn last line (from a kill) is cut off the file."""
-    if not path.exists():
+# What every line of a file we append to holds; a file without them is someone else's.
+_RESULT_KEYS = ("id", "answer", "stack")
+_STATE_KEYS = ("id", "stage", "stack", "trace")
+
+
+def _recover_jsonl(path: Path, keys: tuple[str, ...], what: str) -> list[dict]:
+    """Every record of a file this module appends to; a torn last line (a kill) is cut off.
+
+    Only a last line with no newline can be torn by a kill, so that is the only thing cut;
+    any other line that is not one of our records means the file is not ours, and nothing
+    is touched.
+    """
+    if not _regular_file(path, what):
         return []
-    data = path.read_bytes()
     records: list[dict] = []
-    good = 0
+    torn_at = None
     pos = 0
-    while pos < len(data):
-        end = data.find(b"\n", pos)
-        if end < 0:
-            break  # no newline: the write was cut short
-        try:
-            records.append(json.loads(data[pos:end]))
-        except json.JSONDecodeError:
+    for n, line, ended in _lines(path, what):
+        if not ended:
+            torn_at = pos
             break
-        pos = end + 1
-        good = pos
-    if good < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good)
+        pos += len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = None
+        if not isinstance(rec, dict) or any(k not in rec for k in keys):
+            raise EdgeFSLMError(f"{path}:{n}: not an edge-fslm {what} line — this file is not one this command"
+                                " wrote; choose another --output (nothing was changed)")
+        records.append(rec)
+    if torn_at is not None:
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(torn_at)
+        except OSError as exc:
+            raise EdgeFSLMError(f"{path}: cannot cut the torn last line ({exc.strerror})") from None
     return records
 
 
+def _check_paths(input_path: Path, out: Path) -> None:
+    """Refuse an output that would overwrite the input or cannot be created, before any work."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise EdgeFSLMError(f"{out}: folder {parent} does not exist — create it first")
+    try:
+        same = out.exists() and os.path.samefile(out, input_path)
+    except OSError:
+        same = False
+    if same:
+        raise EdgeFSLMError(f"{out}: is the input file — choose another --output")
+
+
 class _Appender:
-    """Append one JSON line and make it durable before returning."""
+    """Append one JSON line and make it durable before returning; holds a lock so two runs never interleave."""
 
     def __init__(self, path: Path):
-        self.f = open(path, "ab")
+        try:
+            self.f = open(path, "ab")
+        except OSError as exc:
+            raise EdgeFSLMError(f"{path}: cannot open for writing ({exc.strerror})") from None
+        self.path = path
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise EdgeFSLMError(f"{path}: another batch run is writing to this file — wait for it, or stop it first") from None
 
     def write(self, obj: dict) -> None:
-        self.f.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        try:
+            self.f.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as exc:
+            raise EdgeFSLMError(f"{self.path}: write failed ({exc.strerror}) — free space, then re-run to resume") from None
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:
+            pass
 
 
 def run_batch(
@@ -164,13 +247,34 @@ def run_batch(
     items = read_inputs(input_path)
     out = Path(output_path)
     state = out.with_name(out.name + ".state.jsonl")
-    done = {str(r.get("id")) for r in _recover_jsonl(out)}
+    _check_paths(Path(input_path), out)
+    for path, what in ((out, "batch results"), (state, "batch state")):
+        _regular_file(path, what)  # before opening: opening a FIFO to write blocks
+    results = _Appender(out)  # the lock is taken first, so only one run reads and cuts these files
+    checkpoints = None
+    try:
+        finished = _recover_jsonl(out, _RESULT_KEYS, "batch results")
+        steps = _recover_jsonl(state, _STATE_KEYS, "batch state")
+        checkpoints = _Appender(state)
+        return _run_locked(stack, items, str(input_path), out, state, finished, steps, results, checkpoints,
+                           truncate, parallel, on_step, steps_hint)
+    finally:
+        results.close()
+        if checkpoints is not None:
+            checkpoints.close()
+
+
+def _run_locked(stack, items, input_name, out, state, finished, steps, results, checkpoints, truncate, parallel,
+                on_step, steps_hint) -> BatchReport:
+    done = {str(r.get("id")) for r in finished}
     pending = [it for it in items if it.id not in done]
     resumed = 0
     stage_names = [s.name for s in stack.manifest.stages]
-    for rec in _recover_jsonl(state):
-        item = next((it for it in pending if it.id == str(rec.get("id"))), None)
-        if item is None or rec.get("stage") not in stage_names or rec.get("stack") != stack.manifest.name:
+    by_id = {it.id: it for it in pending}
+    for rec in steps:
+        item = by_id.get(str(rec.get("id")))
+        if (item is None or rec.get("stage") not in stage_names or rec.get("stack") != stack.manifest.name
+                or not isinstance(rec["trace"], dict) or not isinstance(rec["trace"].get("output"), str)):
             continue
         item.values[rec["stage"]] = rec["trace"]["output"]
         item.traces[rec["stage"]] = rec["trace"]
@@ -181,8 +285,8 @@ def run_batch(
     pool = stack.pipeline.pool
     before = pool.counters.snapshot()
     t0 = time.perf_counter()
-    results, checkpoints = _Appender(out), _Appender(state)
     completed = 0
+    failed: dict[str, str] = {}  # id -> why; these prompts are skipped, the rest go on
     last = len(stage_names) - 1
 
     def record(item: BatchItem, i: int, trace: StageTrace) -> None:
@@ -204,16 +308,19 @@ def run_batch(
         with stack.exclusive():
             spare = _spare_bytes(stack)
             for i, name in enumerate(stage_names):
-                todo = [item for item in pending if name not in item.traces]
+                todo = [item for item in pending if name not in item.traces and item.id not in failed]
                 if todo:
                     values = [{"input": item.prompt, **item.values} for item in todo]
+
+                    def skip(j: int, exc: PromptError, todo=todo) -> None:
+                        failed[todo[j].id] = f"{input_name}:{todo[j].line}: id {todo[j].id!r}: {exc}"
+
                     stack.pipeline.finish_stage_group(
                         i, values, width=parallel, truncate=truncate, spare_bytes=spare,
-                        on_trace=lambda j, trace: record(todo[j], i, trace))  # saved as each prompt finishes
+                        on_trace=lambda j, trace: record(todo[j], i, trace),  # saved as each prompt finishes
+                        on_error=skip)
     finally:
         pool.close_parallel()
-        results.close()
-        checkpoints.close()
     if completed == len(pending) and state.exists():
         state.unlink()
     spent = pool.counters.since(before)
@@ -221,4 +328,5 @@ def run_batch(
         total=len(items), already_done=len(items) - len(pending), completed=completed, resumed_steps=resumed,
         seconds=time.perf_counter() - t0, load_seconds=spent.load_seconds, loads=spent.loads,
         evictions=spent.evictions, adapter_swaps=spent.adapter_swaps, output=str(out),
+        failed=list(failed.values()),
     )

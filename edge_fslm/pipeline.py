@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Generator
+from typing import Callable, Collection, Generator
 
 from .errors import PromptError
 from .manifest import Manifest, StageSpec
@@ -153,6 +153,7 @@ class Pipeline:
         truncate: bool = False,
         spare_bytes: int | None = None,
         on_trace: Callable[[int, StageTrace], None] | None = None,
+        on_error: Callable[[int, PromptError], None] | None = None,
     ) -> list[StageTrace]:
         """Run stage ``i`` for every prompt's ``values`` in ``group``, ``width`` decoded together.
 
@@ -161,16 +162,26 @@ class Pipeline:
         ordinary path). ``on_trace(index, trace)`` is called as each prompt finishes, so a
         caller can save it at once. Sampled stages (temperature > 0) always go one at a
         time. Greedy answers can differ slightly from one-at-a-time runs (see parallel.py).
+        With ``on_error(index, error)``, a prompt that cannot run (too long for the context)
+        is reported and skipped instead of failing the whole group.
         """
         from .memory import compute_bytes, effective_kv_type, kv_cache_bytes
         from .parallel import ParallelContext, chunk_size, generate_group, seq_cells
 
         stage = self.manifest.stages[i]
 
-        def one_by_one() -> list[StageTrace]:
+        def one_by_one(skip: Collection[int] = ()) -> list[StageTrace]:
             traces = []
             for j, v in enumerate(group):
-                traces.append(self.finish_stage(i, v, truncate=truncate))
+                if j in skip:
+                    continue
+                try:
+                    traces.append(self.finish_stage(i, v, truncate=truncate))
+                except PromptError as exc:
+                    if on_error is None:
+                        raise
+                    on_error(j, exc)
+                    continue
                 if on_trace:
                     on_trace(j, traces[-1])
             return traces
@@ -180,17 +191,28 @@ class Pipeline:
             return one_by_one()
         c0 = self.pool.counters.snapshot()
         lm = self.pool.get(self.models[stage.model])
-        prepared = [prepare(lm, stage, v, self.pool.settings.ctx_size, truncate=truncate) for v in group]
-        token_lists = [t for t, _ in prepared]
+        prepared: dict[int, tuple[list[int], int]] = {}
+        for j, v in enumerate(group):
+            try:
+                prepared[j] = prepare(lm, stage, v, self.pool.settings.ctx_size, truncate=truncate)
+            except PromptError as exc:
+                if on_error is None:
+                    raise
+                on_error(j, exc)
+        if not prepared:
+            return []
+        token_lists = {j: t for j, (t, _) in prepared.items()}
+        first_j = next(iter(token_lists))
+        first = token_lists[first_j]
         adapter = self.adapters.get(stage.name)
         # split every prompt where the sequential path would: at its saved prefix (or the one the
         # first prompt would save) when the prompt starts with it, else nowhere
         active = None if adapter is None else (str(adapter.path), adapter.scale)
-        n = prefix_split(lm, stage, token_lists[0], active)
-        saved = token_lists[0][:n]
-        with_prefix = [j for j, t in enumerate(token_lists) if n and t[:n] == saved]
-        without = sorted(set(range(len(group))) - set(with_prefix))
-        cells = seq_cells(token_lists, stage.max_tokens)
+        n = prefix_split(lm, stage, first, active)
+        saved = first[:n]
+        with_prefix = [j for j, t in token_lists.items() if n and t[:n] == saved]
+        without = sorted(set(token_lists) - set(with_prefix))
+        cells = seq_cells(list(token_lists.values()), stage.max_tokens)
         info = lm.model.info
         kv_type = effective_kv_type(info, self.pool.settings.kv_cache_type)
 
@@ -201,7 +223,7 @@ class Pipeline:
         while spare_bytes is not None and width >= 2 and extra(width) > spare_bytes:
             width //= 2
         if width < 2:
-            return one_by_one()
+            return one_by_one(skip=set(range(len(group))) - set(prepared))
         self.pool.close_parallel(keep=lm)
         if lm.parallel is None or not lm.parallel.fits(lm, width + 1, cells):
             self.pool.close_parallel()
@@ -212,7 +234,7 @@ class Pipeline:
 
         def done(j: int, gen: Generation) -> None:
             gen.truncated_input_tokens = prepared[j][1]
-            cost = setup if j == 0 else PoolCounters()  # loads and swaps are charged to the first prompt
+            cost = setup if j == first_j else PoolCounters()  # loads and swaps are charged to the first prompt
             traces[j] = _trace(stage, gen, adapter, gen.prompt_seconds + gen.gen_seconds, cost)
             if on_trace:
                 on_trace(j, traces[j])
