@@ -41,6 +41,7 @@ class Recipe:
     data: tuple[DataSpec, ...]
     train: TrainConfig
     stage_train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parallel: int = 1  # requests the teacher decodes together while distilling
 
 
 def _builtin_recipe(name: str) -> tuple[str, str] | None:
@@ -68,6 +69,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     seed = r.get("seed", 0)
     if not isinstance(seed, int):
         raise ManifestError(f"{origin}: recipe.seed: expected an integer")
+    parallel = r.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 64:
+        raise ManifestError(f"{origin}: recipe.parallel: expected an integer from 1 to 64")
     data = []
     for i, d in enumerate(r.get("data", [])):
         if not isinstance(d, dict) or not isinstance(d.get("file"), str):
@@ -87,7 +91,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     except (DataError, TypeError) as exc:
         raise ManifestError(f"{origin}: [train]: {exc}") from None
     return Recipe(path=origin, stack=r["stack"], teacher_stack=r["teacher_stack"], teacher=r["teacher"], seed=seed,
-                  data=tuple(data), train=config, stage_train=dict(stages))
+                  data=tuple(data), parallel=parallel, train=config, stage_train=dict(stages))
 
 
 @dataclass
@@ -125,7 +129,8 @@ def run_recipe(
     student = load_stack(rec.stack)
     if log:
         log(f"distilling {len(files)} data files with teacher {rec.teacher} into {out / 'data'}")
-    dist = distill(rec.teacher_stack, files, rec.teacher, out / "data", threads=threads, progress=progress)
+    dist = distill(rec.teacher_stack, files, rec.teacher, out / "data", threads=threads, parallel=rec.parallel,
+                   progress=progress)
     stage_cfgs = {k: {**v, "threads": threads} for k, v in rec.stage_train.items()}
     config = rec.train.with_overrides(threads=threads)
     results = finetune(student, out / "data", out / student.name, config=config, stage_configs=stage_cfgs, log=log)

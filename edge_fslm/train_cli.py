@@ -53,8 +53,10 @@ def _log(line: str) -> None:
 @click.option("--split", type=click.Choice(["train", "heldout", "all"]), default="train", show_default=True,
               help="Alpaca rows to use: train leaves the last 500 out for evaluation.")
 @click.option("--threads", "-t", type=int, help="CPU threads for the teacher.")
+@click.option("--parallel", "-np", "parallel", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Requests decoded together through each stage (faster on CPU; notes can differ slightly).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def distill(stack, data, teacher, out_dir, limit, split, threads, as_json):
+def distill(stack, data, teacher, out_dir, limit, split, threads, parallel, as_json):
     """Write per-stage training data: teacher notes for the intermediate stages, gold answers for the last.
 
     Resumable: re-run the same command after a stop and it continues without losing or repeating rows.
@@ -64,7 +66,7 @@ def distill(stack, data, teacher, out_dir, limit, split, threads, as_json):
     bar = _Progress("distilling")
     try:
         report = run_distill(stack, [(p, limit) for p in data], teacher, out_dir, split=split, threads=threads,
-                             progress=None if as_json else bar)
+                             parallel=parallel, progress=None if as_json else bar)
     finally:
         bar.close()
     if as_json:
