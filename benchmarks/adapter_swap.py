@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common import median, p95, smollm2_path, table, write_result
 
-from edge_fslm.devtools import write_random_lora
+from edge_fslm.testing import write_random_lora
 from edge_fslm.gguf_info import read_gguf, validate_adapter
 from edge_fslm.pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel
 

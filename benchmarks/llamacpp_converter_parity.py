@@ -8,7 +8,7 @@ The reference is llama.cpp's converter exactly as vendored in the llama-cpp-pyth
 Checkpoints (both built offline and cached in ``--work-dir``):
 
 * ``SmolLM2-135M-Instruct``: the real model, dequantized to fp32 by transformers from the
-  packaged Q4_1 GGUF (``edge_fslm.finetune.hf_base``), with its real tokenizer (digits split:
+  packaged Q4_1 GGUF (``edge_fslm.train.finetune.hf_base``), with its real tokenizer (digits split:
   llama.cpp's "smollm" pre-tokenizer);
 * ``tiny-llama-gqa``: a random 2-layer Llama with what SmolLM2 does not have: an untied output
   matrix, grouped-query attention with 4 query / 2 kv heads and a head_dim (32) that is not
@@ -201,7 +201,7 @@ def smollm2_checkpoint(work: Path) -> Path:
     if (out / "tokenizer.json").is_file() and (out / "model.safetensors").exists():  # exists(): the link resolves
         return out
     shutil.rmtree(out, ignore_errors=True)
-    from edge_fslm.finetune import hf_base
+    from edge_fslm.train.finetune import hf_base
 
     _quiet_hf()
     base = hf_base(smollm2_path(), log=lambda m: print(m, file=sys.stderr))

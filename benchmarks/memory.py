@@ -30,7 +30,7 @@ PROMPT = "Why is the sky blue? Explain it briefly."
 
 CHILD_STACK = r"""
 import json, sys
-from edge_fslm.profiling import reset_kernel_peak, kernel_peak
+from edge_fslm.rss import reset_kernel_peak, kernel_peak
 from edge_fslm import Stack
 import llama_cpp
 manifest, ctx, policy = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -43,7 +43,7 @@ print(json.dumps({"peak": kernel_peak(), "predicted": st.plan.predicted_peak, "p
 
 CHILD_NAIVE = r"""
 import json, sys
-from edge_fslm.profiling import reset_kernel_peak, kernel_peak
+from edge_fslm.rss import reset_kernel_peak, kernel_peak
 from edge_fslm.manifest import load_builtin
 from llama_cpp import Llama
 path, mode, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -89,7 +89,7 @@ def stack_file(folder: Path, name: str, adapters: dict[str, Path] | None = None,
 
 
 def mixed_file(folder: Path, smol: Path, gemma: Path) -> Path:
-    from edge_fslm.devtools import write_two_model_stack
+    from edge_fslm.testing import write_two_model_stack
 
     return write_two_model_stack(folder, smol, gemma)
 
@@ -130,7 +130,7 @@ def budget_runs(manifest: Path, ctx: int, budget: int, n: int) -> dict:
 def leak_cycles(smol: Path, gemma: Path, cycles: int) -> dict:
     from edge_fslm.gguf_info import validate_model
     from edge_fslm.pool import LoadSettings, ModelPool, ResolvedModel
-    from edge_fslm.profiling import current_rss
+    from edge_fslm.rss import current_rss
 
     import gc
 
@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--budget-runs", type=int, default=50)
     ap.add_argument("--cycles", type=int, default=200)
     args = ap.parse_args()
-    from edge_fslm.devtools import write_random_lora
+    from edge_fslm.testing import write_random_lora
     from edge_fslm.gguf_info import read_gguf
 
     smol, gemma = smollm2_path(), gemma_path()

@@ -20,7 +20,7 @@ from pathlib import Path
 from common import smollm2_path, table, write_result
 
 from edge_fslm import Stack
-from edge_fslm.profiler import DEFAULT_PROMPTS
+from edge_fslm.profile import DEFAULT_PROMPTS
 
 
 def main() -> None:

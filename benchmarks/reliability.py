@@ -136,7 +136,7 @@ def run_fuzz(scale: float, workdir: Path) -> dict:
 def run_soak(n_runs: int, workdir: Path) -> dict:
     from edge_fslm import Stack
     from edge_fslm.api import prepare_stack
-    from edge_fslm.profiling import current_rss
+    from edge_fslm.rss import current_rss
 
     user = workdir / "two-stage.toml"
     user.write_text(USER_STACK.format(source=SMOLLM2))

@@ -18,7 +18,7 @@ from common import median, smollm2_path, table, write_result
 from edge_fslm import Stack
 from edge_fslm.gguf_info import read_gguf
 from edge_fslm.memory import kv_cache_bytes
-from edge_fslm.profiler import DEFAULT_PROMPTS
+from edge_fslm.profile import DEFAULT_PROMPTS
 
 
 def bandwidth(size: int = 512 << 20, repeats: int = 7) -> float:

@@ -40,7 +40,7 @@ from common import median, p95, smollm2_path, table, write_result
 
 from edge_fslm import Stack
 from edge_fslm.manifest import load_builtin
-from edge_fslm.profiler import DEFAULT_PROMPTS
+from edge_fslm.profile import DEFAULT_PROMPTS
 
 EXTRA = [
     "What is the boiling point of water?", "Name a mammal that can fly.", "What is the opposite of cold?",

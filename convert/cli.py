@@ -208,7 +208,7 @@ def build(source: Path, profile: str, out_dir: Path, force: bool, threads: int, 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def profiles(as_json: bool) -> None:
     """List the built-in device profiles and what each is for."""
-    from ..profiles import list_profiles
+    from .device_profile import list_profiles
 
     rows = list_profiles()
     if as_json:

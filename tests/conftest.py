@@ -55,7 +55,7 @@ def write_manifest(folder: Path, text: str, name: str = "stack.toml") -> Path:
 @pytest.fixture(scope="session")
 def mixed_manifest(tmp_path_factory, smollm2_path, gemma_path) -> str:
     """Two real base models: SmolLM2 for the first stage, Gemma 3 for the second."""
-    from edge_fslm.devtools import write_two_model_stack
+    from edge_fslm.testing import write_two_model_stack
 
     folder = tmp_path_factory.mktemp("mixed")
     return str(write_two_model_stack(folder, smollm2_path, gemma_path, keywords_tokens=12, answer_tokens=16))

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge_fslm import gguf_info, scoring
+from edge_fslm import gguf_info
+from edge_fslm.evaluation import scoring
 from edge_fslm.cli import main
 from edge_fslm.errors import PromptError
-from edge_fslm.metrics import (
+from edge_fslm.evaluation.metrics import (
     exact_match,
     lcs_length,
     levenshtein,
@@ -29,7 +30,7 @@ from edge_fslm.metrics import (
     text_scores,
 )
 from edge_fslm.pool import LoadSettings, ModelPool, ResolvedModel
-from edge_fslm.scoring import encode, log_softmax, loglikelihood
+from edge_fslm.evaluation.scoring import encode, log_softmax, loglikelihood
 
 DATA = Path(__file__).resolve().parent / "data"  # slices of ../shared/data (see data/README.md)
 ARC = DATA / "arc_easy_validation_tiny.jsonl"
@@ -239,8 +240,8 @@ def test_evaluate_arc_stack_mode(arc3, smollm2_path):
     from llama_cpp import Llama
 
     from edge_fslm import Stack
-    from edge_fslm.datasets import load_arc
-    from edge_fslm.evaluate import evaluate_arc, final_prompt
+    from edge_fslm.train.data import load_arc
+    from edge_fslm.evaluation.evaluate import evaluate_arc, final_prompt
 
     done = []
     report = evaluate_arc(STACK, arc3, limit=2, threads=1, max_tokens=6, progress=lambda d, n: done.append((d, n)))
@@ -281,8 +282,8 @@ def test_evaluate_arc_stack_mode(arc3, smollm2_path):
 
 
 def test_evaluate_arc_single_mode_uses_lm_eval_prompt(arc3, smollm2_path, reference):
-    from edge_fslm.datasets import load_arc
-    from edge_fslm.evaluate import evaluate_arc
+    from edge_fslm.train.data import load_arc
+    from edge_fslm.evaluation.evaluate import evaluate_arc
 
     report = evaluate_arc(STACK, arc3, single=str(smollm2_path), threads=1, limit=2)
     assert report.n == 2 and report.mode == "single" and report.records[0].notes == {}
@@ -300,7 +301,7 @@ def test_evaluate_arc_single_mode_uses_lm_eval_prompt(arc3, smollm2_path, refere
 
 def test_evaluate_arc_limit_and_errors(arc3, tmp_path):
     from edge_fslm.errors import DataError, SourceError
-    from edge_fslm.evaluate import evaluate_arc
+    from edge_fslm.evaluation.evaluate import evaluate_arc
 
     with pytest.raises(DataError, match="--limit 0"):
         evaluate_arc(STACK, arc3, limit=0)
@@ -319,8 +320,8 @@ def test_evaluate_instruct_stack_and_single(smollm2_path):
     from llama_cpp import Llama
 
     from edge_fslm import Stack
-    from edge_fslm.datasets import load_alpaca
-    from edge_fslm.evaluate import evaluate_instruct
+    from edge_fslm.train.data import load_alpaca
+    from edge_fslm.evaluation.evaluate import evaluate_instruct
 
     data = _need(ALPACA)
     rows = load_alpaca(data, "all")[:2]

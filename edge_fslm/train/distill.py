@@ -3,27 +3,28 @@
 The teacher (any local GGUF) runs the source stack's own stage prompts on each request,
 so the intermediate stages' targets are the teacher's notes; the final stage's target is
 the dataset's gold answer, conditioned on those notes. Every finished request is one
-fsynced line in ``distill.jsonl``, so a killed run resumes where it stopped without
-losing or repeating a row; the per-stage files are rewritten from it at the end.
+fsynced line in ``distill.jsonl`` (jsonl.py's rules), so a killed run resumes where it
+stopped without losing or repeating a row; the per-stage files are rewritten from it at the end.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
-from .datasets import Example, load_examples
-from . import sources
-from .errors import DataError
-from .manifest import Manifest, ModelSpec, load_stack
+from .data import Example, load_examples
+from .. import sources
+from ..errors import DataError
+from ..jsonl import folder_lock, read_records
+from ..manifest import Manifest, ModelSpec, load_stack
 
 ROWS_FILE = "distill.jsonl"
+ROW_KEYS = ("id", "input", "notes", "output")  # one distilled request
+STAGE_ROW_KEYS = ("id", "values", "output")  # one row of a <stage>.jsonl
 META_FILE = "distill.meta.json"
 
 Progress = Callable[[int, int], None]  # (rows done, rows total)
@@ -53,40 +54,6 @@ def teacher_manifest(manifest: Manifest, teacher: str | Path) -> Manifest:
     spec = ModelSpec(id="teacher", source=str(Path(teacher).expanduser().resolve()))
     stages = tuple(replace(s, model="teacher", adapter=None) for s in manifest.stages)
     return replace(manifest, models={"teacher": spec}, stages=stages, name=f"{manifest.name}+teacher")
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` so two runs never append to the same files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"{folder}: another {what} is writing to this folder — wait for it, or stop it first") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The complete rows of a JSONL file; a torn last line (a killed write) is cut off the file."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    rows = []
-    for n, line in enumerate(data[:end].splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}: line {n} is not JSON — the file was edited; move it away to start over") from None
-    return rows
 
 
 def _check_meta(out_dir: Path, meta: dict) -> None:
@@ -180,12 +147,12 @@ def distill(
 
 def _distill_locked(manifest, examples, ids, teacher_path, out, meta, threads, ctx_size, parallel, progress,
                     t0) -> DistillReport:
-    from .api import Stack  # llama.cpp is only needed once there is work to do
+    from ..api import Stack  # llama.cpp is only needed once there is work to do
 
     stage_names = [s.name for s in manifest.stages]
     _check_meta(out, meta)
     rows_path = out / ROWS_FILE
-    done_rows = read_rows(rows_path)
+    done_rows = read_records(rows_path, ROW_KEYS, "distill rows")
     done = {r["id"] for r in done_rows} & set(ids)  # rows of a wider earlier run are kept but not counted
     todo = [e for e in examples if e.id not in done]
     report = DistillReport(out_dir=out, rows_total=len(examples), rows_done_before=len(done), rows_written=0, seconds=0.0)

@@ -1,4 +1,4 @@
-"""``edge-fslm eval arc|instruct``: the click shell over :mod:`edge_fslm.evaluate`.
+"""``edge-fslm eval arc|instruct``: the click shell over :mod:`edge_fslm.evaluation.evaluate`.
 
 Errors are ``EdgeFSLMError``s, which the main group prints as one ``error: ...`` line
 (exit 2). The progress bar goes to stderr, so stdout holds only the table or the JSON.

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 ALPACA_HELD_OUT = 500  # the last 500 rows of alpaca_5000.json; benchmarks/quant_quality.py uses the same rows
 MAX_DATA_BYTES = 512 * 1024 * 1024

@@ -37,10 +37,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from .convert.quantize import QUANT_TYPES
-from .errors import BudgetError, ManifestError
-from .manifest import MAX_CTX, NAME, POLICIES
-from .memory import parse_budget
+from .quantize import QUANT_TYPES
+from ..errors import BudgetError, ManifestError
+from ..manifest import MAX_CTX, NAME, POLICIES
+from ..memory import parse_budget
 
 __all__ = [
     "Profile",
@@ -167,7 +167,7 @@ def _load_file(p: Path) -> Profile:
 def parse_profile(text: str, *, origin: str = "<profile>", default_name: str = "custom",
                   builtin: bool = False) -> Profile:
     """Parse and validate profile TOML; one ManifestError lists every problem."""
-    from .manifest import load_toml  # bounded: nesting, dotted keys and size are checked first
+    from ..manifest import load_toml  # bounded: nesting, dotted keys and size are checked first
 
     doc = load_toml(text, origin)
     problems: list[str] = []

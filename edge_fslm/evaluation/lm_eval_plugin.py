@@ -4,11 +4,11 @@ Install with ``pip install 'edge-fslm[eval]'``. lm-eval 0.4.13 finds models only
 own registry and has no plugin entry point for them (upstream issue #1457), so import
 this module before lm-eval looks the name up. From the shell::
 
-    python -m edge_fslm.lm_eval_adapter run --model edge-fslm \\
+    python -m edge_fslm.evaluation.lm_eval_plugin run --model edge-fslm \\
         --model_args stack=fslm-smollm2,threads=4 --tasks arc_easy
 
 takes every ``lm-eval`` argument (it registers the model, then runs lm-eval's own CLI).
-From Python, ``import edge_fslm.lm_eval_adapter`` and then
+From Python, ``import edge_fslm.evaluation.lm_eval_plugin`` and then
 ``lm_eval.simple_evaluate(model="edge-fslm", model_args="stack=...", ...)``.
 
 model_args: ``stack`` (name, manifest or folder; default fslm-smollm2), ``single`` (a bare
@@ -44,9 +44,9 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from .evaluate import final_stage_model, load_eval_stack, notes_for, score_in_stack, score_single
-from .pool import LoadedModel
+from ..pool import LoadedModel
 from .scoring import encode, loglikelihood
-from .stage import Generation, generate, prepare
+from ..stage import Generation, generate, prepare
 
 
 def _prefix_token(lm: LoadedModel) -> int:

@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from . import gguf_info, sources
-from .distill import folder_lock, read_rows
-from .errors import DataError, EdgeFSLMError
-from .manifest import Manifest, StageSpec, load_stack
+from .. import gguf_info, sources
+from ..jsonl import folder_lock, read_records
+from .distill import STAGE_ROW_KEYS
+from ..errors import DataError, EdgeFSLMError
+from ..manifest import Manifest, StageSpec, load_stack
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Log = Callable[[str], None]
@@ -159,7 +160,7 @@ def encode_stage_rows(lm, stage: StageSpec, rows: list[dict], seq_len: int) -> t
 
     Returns (examples, skipped because the prompt alone fills the row, skipped for an empty target).
     """
-    from .stage import prepare
+    from ..stage import prepare
 
     eos = lm.llm.token_eos()
     out: list[Encoded] = []
@@ -407,7 +408,7 @@ def finetune(
     written as ``out_dir/<stage>.gguf``. ``stage_configs`` overrides settings per stage.
     """
     require_train_extra()
-    from .api import Stack
+    from ..api import Stack
 
     manifest = stack if isinstance(stack, Manifest) else load_stack(stack)
     bases = {s.model for s in manifest.stages}
@@ -432,6 +433,6 @@ def finetune(
         hf = Path(base_hf) if base_hf else hf_base(model.path, log=log)
         for name in wanted:
             cfg = config.with_overrides(**(stage_configs or {}).get(name, {}))
-            rows = read_rows(data / f"{name}.jsonl")
+            rows = read_records(data / f"{name}.jsonl", STAGE_ROW_KEYS, "training rows")
             results.append(train_stage(manifest.stage(name), rows, lm, hf, model.path, out, cfg, log=log))
     return results

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import EdgeFSLMError, PromptError
-from .pool import LoadedModel, _llama_cpp
+from ..errors import EdgeFSLMError, PromptError
+from ..pool import LoadedModel, _llama_cpp
 
 # Continuation tokens per decode call. It bounds memory (llama.cpp's logits buffer holds this many
 # rows of n_vocab floats) and keeps scores independent of batching: llama.cpp's CPU flash-attention

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .distill import DistillReport, Progress, distill
-from .errors import DataError, ManifestError
+from ..errors import DataError, ManifestError
 from .finetune import StageResult, TrainConfig, finetune
-from .manifest import load_stack, load_toml
+from ..manifest import load_stack, load_toml
 
 RECIPE_SUFFIX = ".recipe.toml"
 

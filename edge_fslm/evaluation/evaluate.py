@@ -21,17 +21,17 @@ from typing import Callable
 
 import numpy as np
 
-from . import gguf_info, sources
-from .api import Stack
-from .datasets import load_alpaca, load_arc
-from .errors import DataError
-from .manifest import Manifest, load_stack, parse_manifest
+from .. import gguf_info, sources
+from ..api import Stack
+from ..train.data import load_alpaca, load_arc
+from ..errors import DataError
+from ..manifest import Manifest, load_stack, parse_manifest
 from .metrics import text_scores
-from .pipeline import StageTrace, clean_prompt
-from .pool import LoadedModel
-from .profiling import RssSampler
+from ..pipeline import StageTrace, clean_prompt
+from ..pool import LoadedModel
+from ..rss import RssSampler
 from .scoring import encode, encode_pair, loglikelihood
-from .stage import prepare
+from ..stage import prepare
 
 Progress = Callable[[int, int], None]  # (done, total), called after each item
 ARC_CONTEXT = "Question: {question}\nAnswer:"  # lm-evaluation-harness's arc_easy / arc_challenge prompt
@@ -43,7 +43,7 @@ SINGLE_REPEAT_PENALTY = 1.1
 
 def single_manifest(source: str, *, chat: bool, max_tokens: int) -> Manifest:
     """A one-stage stack around a bare model: a chat turn holding the input, or the raw input."""
-    from .convert.toml_writer import dumps_manifest  # deferred: edge_fslm.convert loads its quantizer on import
+    from ..convert.toml_writer import dumps_manifest  # deferred: edge_fslm.convert loads its quantizer on import
 
     path = sources.resolve(source, base_dir=Path.cwd(), allow_absolute=True, confine=False)
     gguf_info.validate_model(path)

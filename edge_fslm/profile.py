@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import EdgeFSLMError
-from .profiling import RssSampler, machine_info
+from .rss import RssSampler, machine_info
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
