@@ -137,7 +137,7 @@ def run_batch(
     after a kill resumes where it stopped.
     """
     if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= MAX_PARALLEL:
-        raise EdgeFSLMError(f"--parallel {parallel}: expected an integer from 1 to {MAX_PARALLEL}")
+        raise EdgeFSLMError(f"parallel={parallel}: expected an integer from 1 to {MAX_PARALLEL}")
     items = read_inputs(input_path)
     out = Path(output_path)
     state = out.with_name(out.name + ".state.jsonl")

@@ -175,8 +175,8 @@ class Manifest:
         for s in self.stages:
             if s.max_tokens >= runtime.ctx_size:
                 raise ManifestError(
-                    f"--ctx-size {runtime.ctx_size}: stage '{s.name}' may generate {s.max_tokens} tokens,"
-                    " which leaves no room for its prompt — raise --ctx-size or lower --max-tokens"
+                    f"ctx_size {runtime.ctx_size}: stage '{s.name}' may generate {s.max_tokens} tokens,"
+                    " which leaves no room for its prompt — raise ctx_size or lower max_tokens"
                 )
         return replace(self, runtime=runtime)
 

@@ -287,5 +287,5 @@ def require_fit(plan: Plan) -> None:
     pol, need = plan.minimum
     raise BudgetError(
         f"stack {plan.stack} needs at least {fmt_bytes(need)} (policy: {pol}, ctx {plan.ctx_size});"
-        f" budget is {fmt_bytes(plan.budget)} — lower --ctx-size or use a smaller quant profile"
+        f" budget is {fmt_bytes(plan.budget)} — lower ctx_size or use a smaller quant profile"
     )

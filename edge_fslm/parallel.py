@@ -83,7 +83,7 @@ class ParallelContext:
         if not ctx:
             raise EdgeFSLMError(
                 f"{lm.model.path}: llama.cpp could not create a {n_seq}-sequence context of {cells} tokens each"
-                " — lower --parallel"
+                " — lower parallel"
             )
         return cls(lm=lm, ctx=ctx, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch)
 
@@ -131,7 +131,7 @@ class _Batch:
         rc = self.lc.llama_decode(ctx, self.b)
         self.n = 0
         if rc != 0:
-            raise EdgeFSLMError(f"llama_decode failed with code {rc} in a parallel batch — lower --parallel")
+            raise EdgeFSLMError(f"llama_decode failed with code {rc} in a parallel batch — lower parallel")
 
     def close(self) -> None:
         self.lc.llama_batch_free(self.b)

@@ -8,6 +8,7 @@ generator that yields the final stage's text as it is produced and *returns* the
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Collection, Generator
@@ -91,6 +92,9 @@ StageCallback = Callable[[StageSpec], None]
 TraceCallback = Callable[[StageTrace], None]
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab, LF, CR
+
+
 def clean_prompt(prompt: str) -> str:
     """Refuse empty prompts; drop control characters other than tab and newlines."""
     if not isinstance(prompt, str):
@@ -102,7 +106,7 @@ def clean_prompt(prompt: str) -> str:
             f"prompt is not valid text (lone surrogate at character {exc.start}, e.g. bytes that are not UTF-8"
             " on the command line) — pass the prompt as UTF-8"
         ) from None
-    cleaned = "".join(c for c in prompt if c in "\t\n\r" or not (ord(c) < 32 or 127 <= ord(c) < 160))
+    cleaned = _CONTROL.sub("", prompt)
     if not cleaned.strip():
         raise PromptError("prompt is empty — give the request as text")
     return cleaned

@@ -8,6 +8,7 @@ llama-cpp-python's sandboxed Jinja formatter, so a hostile template cannot run c
 from __future__ import annotations
 
 import codecs
+import ctypes
 import re
 import time
 from dataclasses import dataclass
@@ -119,6 +120,45 @@ def prompt_tokens(lm: LoadedModel, stage: StageSpec, values: dict[str, str]) -> 
     return _tokens(lm, segments)
 
 
+def max_token_bytes(lm: LoadedModel) -> int:
+    """The longest piece (in UTF-8 bytes) of any token in the model's vocabulary, read once per model."""
+    n = getattr(lm, "_edge_max_token_bytes", None)
+    if n is None:
+        import llama_cpp
+
+        vocab = lm.vocab
+        buf = (ctypes.c_char * 512)()
+        n = 1
+        for tok in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+            size = llama_cpp.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
+            n = max(n, abs(size))
+        lm._edge_max_token_bytes = n  # type: ignore[attr-defined]
+    return n
+
+
+def _bound_input(lm: LoadedModel, stage: StageSpec, values: dict[str, str], n_ctx: int,
+                 truncate: bool) -> tuple[dict[str, str], int]:
+    """``values`` with an input no context could hold cut to the bytes that could matter (or refused)."""
+    text = values.get("input")
+    if text is None or "input" not in stage.reads or len(text) <= n_ctx:  # a token is at least one character
+        return values, 0
+    limit = n_ctx * max_token_bytes(lm)
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return values, 0
+    if not truncate:
+        raise PromptError(
+            f"stage '{stage.name}': the input is {len(raw)} bytes, at least {-(-len(raw) // (limit // n_ctx))} tokens,"
+            f" over the context of {n_ctx} — shorten the prompt, raise ctx_size, or pass truncate=True"
+        )
+    return {**values, "input": raw[:limit].decode("utf-8", errors="ignore")}, len(raw) - limit
+
+
+def _dropped_by_cut(lm: LoadedModel, cut_bytes: int) -> int:
+    """Tokens the byte cut dropped, at least: each token covers at most max_token_bytes bytes."""
+    return -(-cut_bytes // max_token_bytes(lm)) if cut_bytes else 0
+
+
 def prepare(
     lm: LoadedModel, stage: StageSpec, values: dict[str, str], n_ctx: int, *, truncate: bool = False
 ) -> tuple[list[int], int]:
@@ -126,29 +166,35 @@ def prepare(
 
     With ``truncate`` the user's input is cut from the end until prompt + max_tokens fit.
     Returns (prompt tokens, number of input tokens dropped).
+
+    An input too large to fit in any case is cut (or refused) by its byte length before
+    it is tokenized: no token is longer than the vocabulary's longest piece, so the first
+    ``n_ctx`` × that many bytes hold every token that could be kept, and memory spent on
+    tokenizing stays bounded by the context, not by the prompt.
     """
+    values, cut_bytes = _bound_input(lm, stage, values, n_ctx, truncate)
     tokens = prompt_tokens(lm, stage, values)
     room = n_ctx - stage.max_tokens
     if len(tokens) <= room:
-        return tokens, 0
+        return tokens, _dropped_by_cut(lm, cut_bytes)
     over = len(tokens) - room
     if not truncate or "input" not in stage.reads:
         raise PromptError(
             f"stage '{stage.name}': prompt is {len(tokens)} tokens and may generate {stage.max_tokens},"
-            f" over the context of {n_ctx} — shorten the prompt, raise --ctx-size, or pass --truncate"
+            f" over the context of {n_ctx} — shorten the prompt, raise ctx_size, or pass truncate=True"
         )
     input_tokens = lm.llm.tokenize(values["input"].encode("utf-8"), add_bos=False, special=False)
     keep = len(input_tokens) - over - 8  # a little slack: re-tokenizing at the cut can differ by a token or two
     if keep < 1:
         raise PromptError(
             f"stage '{stage.name}': the stage's own prompt leaves no room for the input in a context of {n_ctx}"
-            " — raise --ctx-size"
+            " — raise ctx_size"
         )
     cut = lm.llm.detokenize(input_tokens[:keep]).decode("utf-8", errors="ignore")
     tokens = prompt_tokens(lm, stage, {**values, "input": cut})
     if len(tokens) > room:
-        raise PromptError(f"stage '{stage.name}': could not truncate the prompt to fit {n_ctx} tokens — raise --ctx-size")
-    return tokens, len(input_tokens) - keep
+        raise PromptError(f"stage '{stage.name}': could not truncate the prompt to fit {n_ctx} tokens — raise ctx_size")
+    return tokens, len(input_tokens) - keep + _dropped_by_cut(lm, cut_bytes)
 
 
 class _StopScanner:

@@ -222,7 +222,7 @@ def test_loglikelihood_context_limit(small_lm):
     context = encode(small_lm, " ".join(["word"] * 150))
     assert len(context) > 128
     cont = encode(small_lm, " end of it")
-    with pytest.raises(PromptError, match="over the context size of 128 — raise --ctx-size"):
+    with pytest.raises(PromptError, match="over the context size of 128 — raise ctx_size"):
         loglikelihood(small_lm, context, [cont])
     # truncating keeps the rightmost tokens that fit, as lm-evaluation-harness does
     kept = context[len(context) + len(cont) - 1 - 128 :]

@@ -56,7 +56,7 @@ def test_impossible_budget_fails_before_loading():
         Stack.load("fslm-smollm2", budget="128MB")
     msg = str(info.value)
     assert msg.startswith("stack fslm-smollm2 needs at least ")
-    assert "(policy: shared-base, ctx 2048); budget is 128 MB — lower --ctx-size" in msg
+    assert "(policy: shared-base, ctx 2048); budget is 128 MB — lower ctx_size" in msg
     assert current_rss() - before < 20 * MB  # nothing was loaded
 
 

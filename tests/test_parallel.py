@@ -88,7 +88,7 @@ def test_slots_report_each_prompt_and_fit_the_budget():
 def test_bad_parallel(tmp_path):
     inp = write_inputs(tmp_path / "in.jsonl", PROMPTS[:1])
     with Stack.load("fslm-smollm2", preload=False) as stack:
-        with pytest.raises(EdgeFSLMError, match="--parallel 0"):
+        with pytest.raises(EdgeFSLMError, match="parallel=0"):
             run_batch(stack, inp, tmp_path / "out.jsonl", parallel=0)
     cmd = [EXE] if EXE else [sys.executable, "-m", "edge_fslm.cli"]
     proc = subprocess.run(cmd + ["run", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--parallel", "0"],

@@ -82,7 +82,7 @@ class _Batch:
         rc = self.lc.llama_decode(ctx, b)
         if rc != 0:
             raise EdgeFSLMError(
-                f"llama.cpp could not decode {n} tokens at position {start} (code {rc}) — raise --ctx-size,"
+                f"llama.cpp could not decode {n} tokens at position {start} (code {rc}) — raise ctx_size,"
                 " or run with -v for llama.cpp's log"
             )
 
@@ -128,7 +128,7 @@ def loglikelihood(
         if not truncate or over >= len(context):
             raise PromptError(
                 f"context of {len(context)} tokens plus a continuation of {longest} tokens is over the context"
-                f" size of {n_ctx} — raise --ctx-size"
+                f" size of {n_ctx} — raise ctx_size"
             )
         context = context[over:]
     mem = lc.llama_get_memory(ctx)

@@ -119,7 +119,7 @@ def distill(
     decoding: more rows an hour on CPU; notes can differ slightly from one-at-a-time runs).
     """
     if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 64:
-        raise DataError(f"--parallel {parallel}: expected an integer from 1 to 64")
+        raise DataError(f"parallel={parallel}: expected an integer from 1 to 64")
     t0 = time.perf_counter()
     manifest = stack if isinstance(stack, Manifest) else load_stack(stack)
     teacher_path = sources.resolve(str(teacher), confine=False)  # a path, pkg:// or a cached hf:// file
