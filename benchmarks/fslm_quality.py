@@ -61,8 +61,9 @@ messages = [
 
 
 def answer_only_manifest() -> Path:
-    path = CELLS / "answer-adapter-only.toml"
-    CELLS.mkdir(parents=True, exist_ok=True)
+    """Written under build/ at run time: it names this checkout's adapter by absolute path."""
+    path = ROOT / "build" / "fslm_quality" / "answer-adapter-only.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     adapter = ROOT / "edge_fslm" / "stacks" / "fslm-smollm2" / "answer.gguf"
     path.write_text(ANSWER_ONLY.format(adapter=adapter))
     return path

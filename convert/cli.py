@@ -65,9 +65,12 @@ def _echo_json(obj: Any) -> None:
 @click.option("--pre-tokenizer", default=None,
               help="Force llama.cpp's pre-tokenizer name (gpt-2, smollm, llama-bpe, ...) of a byte-level BPE "
                    "tokenizer instead of detecting it.")
+@click.option("--outfile", "-o", "outfile", type=click.Path(path_type=Path),
+              help="The GGUF to write (llama.cpp's converter flag); the same as giving OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def convert(hf_dir: Path, out: Path | None, outtype: str, pre_tokenizer: str | None, as_json: bool) -> None:
-    """Convert the Hugging Face checkpoint folder HF_DIR to a GGUF file OUT.
+def convert(hf_dir: Path, out: Path | None, outtype: str, pre_tokenizer: str | None, outfile: Path | None,
+            as_json: bool) -> None:
+    """Convert the Hugging Face checkpoint folder HF_DIR to a GGUF file OUT (or -o/--outfile).
 
     OUT defaults to HF_DIR's name plus .OUTTYPE.gguf in the current folder.
     Supported: LlamaForCausalLM (SmolLM2, TinyLlama, Llama) and GPTNeoXForCausalLM (Pythia), with byte-level
@@ -75,7 +78,9 @@ def convert(hf_dir: Path, out: Path | None, outtype: str, pre_tokenizer: str | N
     """
     from .hf_to_gguf import convert_hf
 
-    out = out or Path(f"{hf_dir.resolve().name}.{outtype}.gguf")
+    if out is not None and outfile is not None and out != outfile:
+        raise click.UsageError(f"two outputs given ({out} and --outfile {outfile}) — give one")
+    out = out or outfile or Path(f"{hf_dir.resolve().name}.{outtype}.gguf")
     bar = _Bar(f"converting to {outtype}")
     try:
         rep = convert_hf(hf_dir, out, outtype, pre_tokenizer=pre_tokenizer, progress=bar)

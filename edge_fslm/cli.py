@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -63,13 +64,30 @@ def _is_stdout_error(exc: OSError) -> bool:
     return isinstance(exc, BrokenPipeError) or (exc.errno in _OUTPUT_ERRNOS and exc.filename is None)
 
 
+# The API's errors name its own parameters; on the command line the same advice names the flags.
+_FLAG_SPELLING = [
+    (re.compile(r"\btruncate=True\b"), "--truncate"),
+    (re.compile(r"\b(raise|lower) ctx_size\b"), r"\1 --ctx-size"),
+    (re.compile(r"\blower max_tokens\b"), "lower --max-tokens"),
+    (re.compile(r"\blower parallel\b"), "lower --parallel"),
+    (re.compile(r"^parallel=(\S+):"), r"--parallel \1:"),
+]
+
+
+def cli_spelling(message: str) -> str:
+    """An API error message as a command-line user should read it."""
+    for pattern, flag in _FLAG_SPELLING:
+        message = pattern.sub(flag, message)
+    return message
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except EdgeFSLMError as exc:
             _settle_stdout()
-            for line in str(exc).splitlines() or [type(exc).__name__]:
+            for line in cli_spelling(str(exc)).splitlines() or [type(exc).__name__]:
                 click.echo(f"error: {line}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:
@@ -182,9 +200,9 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offl
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed,
                     max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
                     strict=strict, verbose=verbose, preload=False) as st:  # load inside the run, so the trace shows what loading cost
-        on_end = _print_trace if trace and not as_json else None
-        if as_json:
-            result = st.run(text, truncate=truncate)
+        on_end = _print_trace if trace else None
+        if as_json:  # the JSON on stdout; with --trace the readable trace goes to stderr too
+            result = st.run(text, truncate=truncate, on_stage_end=on_end)
             click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
             return
         streaming = st.stream(text, truncate=truncate, on_stage_end=on_end)
@@ -240,7 +258,7 @@ def _run_batch(stack, input_path, output_path, truncate, verbose, parallel, opti
     )
     if report.failed:
         for line in report.failed:
-            click.echo(f"error: {line}", err=True)
+            click.echo(f"error: {cli_spelling(line)}", err=True)
         raise click.exceptions.Exit(2)
 
 
@@ -330,13 +348,17 @@ def stacks(as_json):
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=True))
+@click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(file, as_json):
-    """Describe a GGUF file: architecture, size, quantization, context, layers."""
+    """Describe a GGUF file: architecture, size, quantization, context, layers.
+
+    FILE is a path or a model reference (pkg://, hf:// from the cache, chunks://)."""
+    from . import sources
     from .gguf_info import read_gguf
 
-    info = read_gguf(file)
+    path = sources.resolve(file, confine=False, offline=True) if "://" in file else file
+    info = read_gguf(path)
     if as_json:
         click.echo(json.dumps(info.to_dict(), indent=2))
     else:

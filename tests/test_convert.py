@@ -232,6 +232,10 @@ def test_convert_command(tmp_path, monkeypatch):
     assert (tmp_path / "tiny-llama.f32.gguf").is_file() and "llama, 21 tensors" in res.output
     res = runner.invoke(group, ["convert", str(tiny_llama_dir()), "out.gguf", "--json"])
     assert json.loads(res.output)["outtype"] == "f16"
+    res = runner.invoke(group, ["convert", str(tiny_llama_dir()), "--outfile", "o2.gguf", "-t", "f32"])  # llama.cpp's flag
+    assert res.exit_code == 0 and (tmp_path / "o2.gguf").is_file(), res.output
+    res = runner.invoke(group, ["convert", str(tiny_llama_dir()), "a.gguf", "-o", "b.gguf"])
+    assert res.exit_code == 2 and "two outputs given" in res.output
     res = runner.invoke(group, ["convert", str(tmp_path / "nope"), "x.gguf"])
     assert res.exit_code == 2 and res.output.startswith("error: ") and res.output.count("\n") == 1
     assert "Traceback" not in res.output
