@@ -18,6 +18,7 @@ line: ``"<path>: <what is wrong> — <what to do>"``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import stat
@@ -751,6 +752,8 @@ def _stat(path: str) -> os.stat_result:
         raise _error(path, "cannot access the file (permission denied on the path)",
                      "fix the directory permissions or run as a user who can read it") from None
     except (OSError, ValueError) as e:
+        if getattr(e, "errno", None) == errno.ELOOP:
+            raise _error(path, "is a symlink loop (or a chain of over 40 links)", "point the link at a real file") from None
         raise _error(path, f"cannot access the file ({getattr(e, 'strerror', None) or e})",
                      "check the path") from None
     if stat.S_ISDIR(st.st_mode):

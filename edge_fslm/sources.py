@@ -28,6 +28,7 @@ the reference, what is wrong and what to do; nothing else escapes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import os
@@ -271,6 +272,8 @@ def _check_file(raw: str, p: str) -> Path:
     except NotADirectoryError:
         raise _bad(raw, f"{p} does not exist (a parent is not a folder) — check the path") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _bad(raw, f"{p} is a symlink loop (or a chain of over 40 links) — point the link at a real file") from None
         raise _bad(raw, f"cannot access {p} ({exc.strerror or exc}) — check its permissions") from None
     if stat.S_ISDIR(st.st_mode):
         raise _bad(raw, f"{p} is a directory, not a file — name the model file inside it")
@@ -321,11 +324,12 @@ def _resolve_path(ref: SourceRef, base_dir: str | Path | None, allow_absolute: b
         if escaped is None and not allow_absolute and not _within(real, real_base):
             escaped = real
         if escaped is not None:
-            raise _bad(
-                raw,
-                f"resolves to {escaped}, which escapes the stack folder {real_base} — "
-                "stacks may only reference files inside their own folder",
-            )
+            # a relative path always means "inside this folder"; the user's own manifest
+            # names a file elsewhere by its absolute path, which says so on its face
+            hint = (" — stacks may only reference files inside their own folder; in your own manifest,"
+                    f" write the absolute path ({escaped}) to use a file outside it") if allow_absolute else \
+                " — stacks may only reference files inside their own folder"
+            raise _bad(raw, f"resolves to {escaped}, which escapes the stack folder {real_base}{hint}")
     return _check_file(raw, real)
 
 

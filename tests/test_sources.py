@@ -600,3 +600,23 @@ def test_offline_env_truthiness(monkeypatch):
     for value, expected in [("1", True), ("true", True), ("YES", True), ("0", False), ("", False), ("no", False)]:
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
         assert sources._hf_offline_env() is expected, value
+
+
+def test_symlink_loop_says_so(tmp_path):
+    (tmp_path / "a.gguf").symlink_to(tmp_path / "b.gguf")
+    (tmp_path / "b.gguf").symlink_to(tmp_path / "a.gguf")
+    with pytest.raises(SourceError, match="is a symlink loop .* point the link at a real file"):
+        resolve(str(tmp_path / "a.gguf"))
+    from edge_fslm.gguf_info import read_gguf
+    from edge_fslm.errors import GGUFError
+
+    with pytest.raises(GGUFError, match="is a symlink loop"):
+        read_gguf(tmp_path / "a.gguf")
+
+
+def test_relative_escape_in_your_own_manifest_names_the_absolute_path(stack_dir, tmp_path):
+    (tmp_path / "outside.gguf").write_bytes(b"x")
+    want = os.path.realpath(tmp_path / "outside.gguf")
+    with pytest.raises(SourceError, match=f"write the absolute path \\({want}\\)"):
+        resolve("../outside.gguf", base_dir=stack_dir)
+    assert resolve(want, base_dir=stack_dir) == Path(want)
