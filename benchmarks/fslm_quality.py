@@ -5,7 +5,15 @@ Rows (the baseline, the single base model, is measured in the same run):
 * single: SmolLM2-135M-Instruct alone, scored the way lm-evaluation-harness scores ARC
   ("Question: ...\\nAnswer:" + " choice") and answering Alpaca requests as a plain chat;
 * prompted: the ``fslm-smollm2-prompted`` stack (few-shot prompts, no adapters);
-* fine-tuned: the ``fslm-smollm2`` stack (the shipped LoRA adapters).
+* fine-tuned: the ``fslm-smollm2`` stack (the shipped LoRA adapters);
+* answer-only: the fine-tuned answer stage alone, notes left empty;
+* oracle: the fine-tuned answer stage given the *teacher's* notes at run time (the note stages
+  run on Qwen2.5-Coder-1.5B with the teacher stack's prompts): how far better notes could go;
+* qwen-0.5b, teacher: Qwen2.5-Coder-0.5B- and 1.5B-Instruct alone, scored like ``single``.
+
+The last three need the chunked models (``edge-fslm assemble --list``); pass them with
+``--systems``. For the fine-tuned stack against answer-only and against single, the paired
+wins, losses and z (a sign test on the questions where exactly one is right) are printed.
 
 Columns: ARC-Easy and ARC-Challenge validation acc / acc_norm (the final stage scores each
 choice after the earlier stages wrote notes on the question), held-out Alpaca ROUGE-L (the
@@ -60,6 +68,43 @@ messages = [
 """
 
 
+def oracle_manifest() -> Path:
+    """The teacher stack's first three stages on the teacher, and fslm-smollm2's answer stage."""
+    from edge_fslm.convert.toml_writer import dumps_manifest
+    from edge_fslm.manifest import load_stack, load_toml
+
+    stacks = ROOT / "edge_fslm" / "stacks"
+    teacher = load_toml((stacks / "fslm-qwen-teacher.toml").read_text(), "fslm-qwen-teacher")
+    student = load_toml((stacks / "fslm-smollm2.toml").read_text(), "fslm-smollm2")
+    notes = [{**st, "model": "teacher"} for st in teacher["stages"][:-1]]
+    answer = {**student["stages"][-1], "model": "smollm2",
+              "adapter": str(stacks / student["stages"][-1]["adapter"])}
+    doc = {"stack": {"name": "oracle", "description": "teacher notes, fine-tuned answer stage", "schema": 1},
+           "runtime": student.get("runtime", {}),
+           "models": {"teacher": {"source": "chunks://qwen2.5-coder-1.5b-instruct"},
+                      "smollm2": {"source": SMOLLM2}},
+           "stages": notes + [answer]}
+    path = ROOT / "build" / "fslm_quality" / "oracle.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dumps_manifest(doc))
+    load_stack(path)  # fail here, not in the eval process, if it does not parse
+    return path
+
+
+def paired(a: list[dict], b: list[dict]) -> dict:
+    """Wins, losses and the sign-test z of system a against b on the same ARC questions."""
+    right_b = {r["id"]: r["predicted"] == r["gold"] for r in b}
+    wins = losses = 0
+    for r in a:
+        if r["id"] in right_b:
+            ra = r["predicted"] == r["gold"]
+            wins += ra and not right_b[r["id"]]
+            losses += right_b[r["id"]] and not ra
+    n = wins + losses
+    return {"wins": wins, "losses": losses, "z": (wins - losses) / n ** 0.5 if n else 0.0,
+            "n": sum(r["id"] in right_b for r in a)}
+
+
 def answer_only_manifest() -> Path:
     """Written under build/ at run time: it names this checkout's adapter by absolute path."""
     path = ROOT / "build" / "fslm_quality" / "answer-adapter-only.toml"
@@ -96,7 +141,8 @@ def main() -> None:
     ap.add_argument("--arc-challenge-limit", type=int, help="first N ARC-Challenge validation questions (default all 299)")
     ap.add_argument("--instruct-limit", type=int, default=100, help="first N held-out Alpaca rows")
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help="also: answer-only (the ablation above)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help="also: answer-only, oracle, qwen-0.5b, teacher (see above)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached cells")
     args = ap.parse_args()
     def limit(n: int | None) -> list[str]:
@@ -110,6 +156,11 @@ def main() -> None:
     systems = args.systems.split(",")
     if "answer-only" in systems:
         SYSTEMS["answer-only"] = ["--stack", str(answer_only_manifest())]
+    if "oracle" in systems:
+        SYSTEMS["oracle"] = ["--stack", str(oracle_manifest())]
+    for name, model in (("qwen-0.5b", "qwen2.5-coder-0.5b-instruct"), ("teacher", "qwen2.5-coder-1.5b-instruct")):
+        if name in systems:
+            SYSTEMS[name] = ["--stack", "fslm-smollm2-prompted", "--single", f"chunks://{model}"]
     results: dict[str, dict[str, dict]] = {s: {} for s in systems}
     for t, (path, extra) in tasks.items():  # task-major: a partial run has whole columns
         for s in systems:
@@ -150,13 +201,23 @@ def main() -> None:
             drows.append([s] + [f"{d[k]:+.1f}" for k in list(d)[:5]]
                          + [f"{d['latency_ratio']:.2f}x", f"{d['peak_rss_ratio']:.2f}x"])
         print(table(drows, head))
+    pairs = {}
+    for other in ("answer-only", "single"):
+        if "fine-tuned" in results and other in results:
+            for t in ("arc-easy", "arc-challenge"):
+                pairs[f"fine-tuned vs {other} / {t}"] = paired(results["fine-tuned"][t]["records"],
+                                                              results[other][t]["records"])
+    if pairs:
+        print("\npaired, on the same questions (z ≥ 1.96: significant at 5%):")
+        print(table([[k, v["n"], v["wins"], v["losses"], f"{v['z']:+.2f}"] for k, v in pairs.items()],
+                    ["comparison", "questions", "wins", "losses", "z"]))
     training = json.loads(TRAINING.read_text()) if TRAINING.is_file() else None
     if training:
         print("\ntraining cost per stage (this CPU):")
         print(table([[s["stage"], s["examples"], s["steps"], s["tokens"], s["target_tokens"], f"{s['seconds']:.0f}",
                       f"{s['first_loss']:.2f} → {s['last_loss']:.2f}"] for s in training["stages"]],
                     ["stage", "examples", "steps", "tokens", "target tokens", "seconds", "loss"]))
-    path = write_result("fslm_quality", {"rows": rows, "vs_single": deltas, "training": training,
+    path = write_result("fslm_quality", {"rows": rows, "vs_single": deltas, "paired": pairs, "training": training,
                                          "instruct_limit": args.instruct_limit, "arc_limit": args.arc_limit,
                                          "arc_challenge_limit": args.arc_challenge_limit,
                                          "cells": {s: {t: {k: v for k, v in c.items() if k != "records"}
