@@ -252,6 +252,53 @@ def test_recipe_file_is_valid_and_names_real_stacks():
     assert rec.train.seed == rec.seed and rec.stage_train["answer"]["steps"] > 0
 
 
+def test_distill_parallel_writes_every_row_once(tmp_path, distilled):
+    """Stage-major groups decoded together: every request once, in order, with notes."""
+    out = tmp_path / "p"
+    data = [(DATA / "alpaca_tiny.json", 4), (DATA / "arc_easy_train_tiny.jsonl", None)]
+    report = distill(small_teacher_stack(), data, TEACHER, out, split="all", threads=2, parallel=3)
+    rows = read_rows(out / "distill.jsonl")
+    assert report.rows_written == 7 and [r["id"] for r in rows] == [r["id"] for r in read_rows(distilled / "distill.jsonl")]
+    assert all(r["notes"]["understand"] and r["notes"]["context"] for r in rows)
+    with pytest.raises(DataError, match="parallel=0: expected an integer from 1 to 64"):
+        distill(small_teacher_stack(), data, TEACHER, tmp_path / "q", split="all", parallel=0)
+
+
+def test_a_resumed_distill_may_raise_its_limits(tmp_path, distilled):
+    out = tmp_path / "d"
+    shutil.copytree(distilled, out)
+    report = distill(small_teacher_stack(), [(DATA / "alpaca_tiny.json", 5), (DATA / "arc_easy_train_tiny.jsonl", None)],
+                     TEACHER, out, split="all", threads=2)
+    assert (report.rows_done_before, report.rows_written) == (7, 1)  # the seven rows are kept, one is added
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ('parallel = 0\n', "recipe.parallel: expected an integer from 1 to 64"),
+    ('seed = "x"\n', "recipe.seed: expected an integer"),
+    ('[[recipe.data]]\nfile = 3\n', "recipe.data[0].file: expected a file name"),
+])
+def test_malformed_recipe_fields(tmp_path, edit, needle):
+    from edge_fslm.errors import ManifestError
+    from edge_fslm.train.recipe import load_recipe
+
+    body = '[recipe]\nstack = "fslm-smollm2"\nteacher_stack = "fslm-qwen-teacher"\nteacher = "x.gguf"\n' + edit
+    if "recipe.data" not in edit:
+        body += '[[recipe.data]]\nfile = "alpaca_5000.json"\n'
+    (tmp_path / "r.recipe.toml").write_text(body)
+    with pytest.raises(ManifestError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        load_recipe(tmp_path / "r.recipe.toml")
+
+
+def test_the_teacher_recipe_names_a_pinned_teacher():
+    from edge_fslm.train.recipe import load_recipe
+
+    rec = load_recipe(Path(__file__).parents[1] / "edge_fslm" / "stacks" / "fslm-smollm2-qwen.recipe.toml")
+    assert rec.teacher == "chunks://qwen2.5-coder-1.5b-instruct" and rec.teacher_stack == "fslm-qwen-teacher"
+    assert rec.train.block_diagonal and rec.parallel >= 1
+    assert all("validation" not in d.file and "test" not in d.file for d in rec.data)
+    load_stack(rec.teacher_stack)
+
+
 def test_two_runs_never_write_one_folder(tmp_path, distilled):
     from edge_fslm.jsonl import folder_lock
 
