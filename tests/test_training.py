@@ -299,6 +299,29 @@ def test_the_teacher_recipe_names_a_pinned_teacher():
     load_stack(rec.teacher_stack)
 
 
+def test_finetune_refuses_what_it_cannot_train(tmp_path, distilled, mixed_manifest):
+    _needs_train()
+    from edge_fslm.train.finetune import TrainConfig, finetune
+
+    with pytest.raises(DataError, match="stage 'summary': fslm-smollm2 has no such stage — stages: understand"):
+        finetune("fslm-smollm2", distilled, tmp_path / "a", stages=["summary"])
+    with pytest.raises(DataError, match="stages use 2 models; fine-tuning trains adapters on one shared base"):
+        finetune(mixed_manifest, distilled, tmp_path / "b")
+    with pytest.raises(DataError, match="unknown training setting 'learning_rate' — known: "):
+        TrainConfig().with_overrides(learning_rate=1e-3)
+
+
+def test_unknown_train_keys_in_a_recipe(tmp_path):
+    from edge_fslm.errors import ManifestError
+    from edge_fslm.train.recipe import load_recipe
+
+    (tmp_path / "r.recipe.toml").write_text(
+        '[recipe]\nstack = "fslm-smollm2"\nteacher_stack = "fslm-smollm2-prompted"\nteacher = "x.gguf"\n'
+        '[[recipe.data]]\nfile = "alpaca_5000.json"\n[train]\nlearning_rate = 0.1\n')
+    with pytest.raises(ManifestError, match=r"\[train\]: unknown training setting 'learning_rate'"):
+        load_recipe(tmp_path / "r.recipe.toml")
+
+
 def test_two_runs_never_write_one_folder(tmp_path, distilled):
     from edge_fslm.jsonl import folder_lock
 

@@ -421,7 +421,7 @@ def finetune(
     wanted = stages or [s.name for s in manifest.stages]
     unknown = [n for n in wanted if n not in {s.name for s in manifest.stages}]
     if unknown:
-        raise DataError(f"--stage {unknown[0]}: {manifest.name} has no such stage — stages: "
+        raise DataError(f"stage {unknown[0]!r}: {manifest.name} has no such stage — stages: "
                         + ", ".join(s.name for s in manifest.stages))
     for name in wanted:
         if not (data / f"{name}.jsonl").is_file():
