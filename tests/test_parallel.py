@@ -105,3 +105,42 @@ def test_cli_parallel_batch(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     rows = read_results(out)
     assert len(rows) == 4 and all(r["answer"] and len(r["stages"]) == 4 for r in rows)
+
+
+def test_llama_cpp_failures_in_the_parallel_path_are_one_clear_error(tmp_path, monkeypatch):
+    """Fault injection: llama.cpp refusing the multi-sequence context, then failing a parallel decode.
+
+    Each is one EdgeFSLMError that says to lower parallel (the CLI says --parallel), and the
+    stack still runs prompts one at a time afterwards.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    inp = write_inputs(tmp_path / "in.jsonl", PROMPTS[:3])
+    with Stack.load("fslm-smollm2", max_tokens=4, preload=False) as stack:
+        stack.run("warm up")  # the model and its own context exist before anything is patched
+        monkeypatch.setattr(llama_cpp, "llama_init_from_model", lambda model, params: None)
+        with pytest.raises(EdgeFSLMError, match="could not create a 3-sequence context .* — lower parallel"):
+            run_batch(stack, inp, tmp_path / "a.jsonl", parallel=2)
+        monkeypatch.undo()
+
+        created: set[int] = set()
+        real_init, real_decode = llama_cpp.llama_init_from_model, llama_cpp.llama_decode
+
+        def init(model, params):
+            ctx = real_init(model, params)
+            created.add(ctypes.cast(ctx, ctypes.c_void_p).value)
+            return ctx
+
+        def decode(ctx, batch):  # fails only on the parallel context, after its prefix is built
+            if ctypes.cast(ctx, ctypes.c_void_p).value in created and batch.n_tokens <= 2:
+                return 1
+            return real_decode(ctx, batch)
+
+        monkeypatch.setattr(llama_cpp, "llama_init_from_model", init)
+        monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+        with pytest.raises(EdgeFSLMError, match="llama_decode failed with code 1 in a parallel batch — lower parallel"):
+            run_batch(stack, inp, tmp_path / "b.jsonl", parallel=2)
+        monkeypatch.undo()
+        assert stack.run("still works").answer  # the sequential path is untouched
