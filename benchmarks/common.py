@@ -73,3 +73,12 @@ def run_child(code: str, *args: str, timeout: float = 600) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def paired_sign_test(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """Wins and losses of a against b on the same items (right where the other is wrong),
+    and the sign-test z over those discordant items."""
+    wins = sum(x and not y for x, y in zip(a, b))
+    losses = sum(y and not x for x, y in zip(a, b))
+    n = wins + losses
+    return wins, losses, (wins - losses) / n ** 0.5 if n else 0.0

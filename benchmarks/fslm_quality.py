@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, SMOLLM2, table, write_result
+from common import RESULTS, SMOLLM2, paired_sign_test, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = RESULTS / "fslm_quality"
@@ -92,17 +92,11 @@ def oracle_manifest() -> Path:
 
 
 def paired(a: list[dict], b: list[dict]) -> dict:
-    """Wins, losses and the sign-test z of system a against b on the same ARC questions."""
+    """Wins, losses and the sign-test z of system a against b on the ARC questions both answered."""
     right_b = {r["id"]: r["predicted"] == r["gold"] for r in b}
-    wins = losses = 0
-    for r in a:
-        if r["id"] in right_b:
-            ra = r["predicted"] == r["gold"]
-            wins += ra and not right_b[r["id"]]
-            losses += right_b[r["id"]] and not ra
-    n = wins + losses
-    return {"wins": wins, "losses": losses, "z": (wins - losses) / n ** 0.5 if n else 0.0,
-            "n": sum(r["id"] in right_b for r in a)}
+    both = [r for r in a if r["id"] in right_b]
+    wins, losses, z = paired_sign_test([r["predicted"] == r["gold"] for r in both], [right_b[r["id"]] for r in both])
+    return {"wins": wins, "losses": losses, "z": z, "n": len(both)}
 
 
 def answer_only_manifest() -> Path:

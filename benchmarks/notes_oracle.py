@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import table, write_result
+from common import paired_sign_test, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILLED = ROOT / "edge_fslm" / "stacks" / "fslm-smollm2-qwen" / "distill.jsonl"
@@ -57,13 +57,6 @@ def score(stack, values: dict, choices: list[str]) -> int:
     return int(np.argmax(lls))
 
 
-def paired(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
-    wins = sum(x and not y for x, y in zip(a, b))
-    losses = sum(y and not x for x, y in zip(a, b))
-    n = wins + losses
-    return wins, losses, (wins - losses) / n ** 0.5 if n else 0.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
@@ -87,7 +80,7 @@ def main() -> None:
     rows = []
     result = {"n": n, "seconds": seconds, "questions": [q.id for q, _ in items], "sources": {}}
     for k in right:
-        w, l, z = paired(right[k], right["none"])
+        w, l, z = paired_sign_test(right[k], right["none"])
         rows.append([k, f"{acc[k]:.3f}", f"{100 * (acc[k] - acc['none']):+.1f}", w, l, f"{z:+.2f}"])
         result["sources"][k] = {"acc": acc[k], "points_vs_none": 100 * (acc[k] - acc["none"]),
                                 "wins_vs_none": w, "losses_vs_none": l, "z_vs_none": z}

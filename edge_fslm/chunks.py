@@ -79,18 +79,18 @@ def model_path(spec: ChunkSpec) -> Path:
 
 
 def _toml_load(path: Path) -> dict:
+    """The spec's TOML through the manifest's bounded reader, its errors as SourceErrors."""
+    from .errors import ManifestError
+    from .manifest import load_toml
+
     try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return load_toml(path.read_text(encoding="utf-8"), str(path))
     except FileNotFoundError:
         raise SourceError(f"{path}: no such chunk spec") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path}: cannot read the chunk spec ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SourceError(f"{path}: not valid TOML ({exc})") from None
+    except ManifestError as exc:
+        raise SourceError(str(exc)) from None
 
 
 def load_spec(name_or_path: str | Path) -> ChunkSpec:
