@@ -22,6 +22,7 @@ __all__ = [
     "Stack",
     "RunResult",
     "StageTrace",
+    "FinalStageSettings",
     "EdgeFSLMError",
     "ManifestError",
     "SourceError",
@@ -38,7 +39,7 @@ def __getattr__(name: str):
         from .api import Stack
 
         return Stack
-    if name in ("RunResult", "StageTrace"):
+    if name in ("RunResult", "StageTrace", "FinalStageSettings"):
         from . import pipeline
 
         return getattr(pipeline, name)

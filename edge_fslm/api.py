@@ -26,8 +26,8 @@ import psutil
 from . import gguf_info, sources
 from .errors import SourceError
 from .manifest import Manifest, StageSpec, load_stack
-from .memory import Plan, StageRow, footprint, parse_budget, plan_residency, process_baseline, require_fit
-from .pipeline import Pipeline, RunResult, StageTrace
+from .memory import Footprint, Plan, StageRow, footprint, parse_budget, plan_residency, process_baseline, require_fit
+from .pipeline import FinalStageSettings, Pipeline, RunResult, StageTrace, TextCallback
 from .pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel
 from .rss import RssSampler
 
@@ -83,6 +83,42 @@ def resolve_adapters(
     return out
 
 
+@dataclass
+class ResidencyUnit:
+    """One base model file and everything that rides on it: its adapters and saved prompt prefixes."""
+
+    model: ResolvedModel
+    adapters: dict[str, gguf_info.GGUFInfo]  # adapter path -> info
+    prefix_tokens: int
+
+    def footprint(self, rt) -> "Footprint":
+        return footprint(self.model.id, self.model.info, ctx_size=rt.ctx_size, batch_size=rt.batch_size,
+                         adapters=list(self.adapters.values()), prefix_tokens=self.prefix_tokens,
+                         kv_cache_type=rt.kv_cache_type)
+
+    def merged(self, other: "ResidencyUnit") -> "ResidencyUnit":
+        """The same file used by another stack: loaded once, carrying both stacks' adapters."""
+        return ResidencyUnit(self.model, {**self.adapters, **other.adapters}, self.prefix_tokens + other.prefix_tokens)
+
+
+def residency_units(
+    manifest: Manifest, models: dict[str, ResolvedModel], adapters: dict[str, ResolvedAdapter]
+) -> dict[str, ResidencyUnit]:
+    """Stages that name the same model file form one unit: the base loads once for all of them."""
+    by_key: dict[str, list[str]] = {}
+    for stage in manifest.stages:
+        by_key.setdefault(models[stage.model].key, []).append(stage.name)
+    units = {}
+    for key, stage_names in by_key.items():
+        model = next(m for m in models.values() if m.key == key)
+        infos = {str(adapters[n].path): adapters[n].info for n in stage_names if n in adapters}
+        # one saved prefix per (stage, adapter); at least 1 token per 3 characters, plus chat markup
+        prefix_tokens = (sum(manifest.stage(n).static_prefix_chars // 3 + 16 for n in stage_names)
+                         if manifest.runtime.prefix_cache else 0)
+        units[key] = ResidencyUnit(model, infos, prefix_tokens)
+    return units
+
+
 def make_plan(
     manifest: Manifest,
     models: dict[str, ResolvedModel],
@@ -98,18 +134,7 @@ def make_plan(
     and carries every adapter its stages use.
     """
     rt = manifest.runtime
-    by_key: dict[str, list[str]] = {}
-    for stage in manifest.stages:
-        by_key.setdefault(models[stage.model].key, []).append(stage.name)
-    units = {}
-    for key, stage_names in by_key.items():
-        model = next(m for m in models.values() if m.key == key)
-        infos = {str(adapters[n].path): adapters[n].info for n in stage_names if n in adapters}
-        # one saved prefix per (stage, adapter); at least 1 token per 3 characters, plus chat markup
-        prefix_tokens = sum(manifest.stage(n).static_prefix_chars // 3 + 16 for n in stage_names) if rt.prefix_cache else 0
-        units[key] = footprint(model.id, model.info, ctx_size=rt.ctx_size, batch_size=rt.batch_size,
-                               adapters=list(infos.values()), prefix_tokens=prefix_tokens,
-                               kv_cache_type=rt.kv_cache_type)
+    units = {key: unit.footprint(rt) for key, unit in residency_units(manifest, models, adapters).items()}
     rows = [StageRow(stage=s.name, model=models[s.model].key,
                      adapter=adapters[s.name].path.name if s.name in adapters else None) for s in manifest.stages]
     shared = len(units) == 1
@@ -186,10 +211,15 @@ class Stack:
     settings: LoadSettings
     measure_rss: bool = True
     plan: Plan | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    owns_pool: bool = True  # False when several stacks share one pool: closing one leaves the models loaded
     _closed: bool = False
     _owner: int | None = field(default=None, repr=False)  # thread id holding _lock
     _active: "weakref.ref | None" = field(default=None, repr=False)  # the run generator holding _lock
+
+    @property
+    def _lock(self) -> threading.Lock:
+        # the pool's: stacks that share a pool share its models' contexts, so they take turns
+        return self.pipeline.pool.run_lock
 
     @contextlib.contextmanager
     def _locked(self, gen_ref: "weakref.ref | None" = None) -> Iterator[None]:
@@ -240,6 +270,7 @@ class Stack:
         verbose: bool = False,
         measure_rss: bool = True,
         preload: bool = True,
+        pool: ModelPool | None = None,
     ) -> "Stack":
         """Load a built-in stack by name, a manifest file, or a stack folder.
 
@@ -247,6 +278,9 @@ class Stack:
         llama.cpp sees any file. The residency plan is made from GGUF metadata before
         anything loads; a ``budget`` ("300MB", "40%") that no policy meets raises
         BudgetError. With ``preload`` the resident models are loaded now too.
+
+        ``pool`` shares an existing pool's loaded models with other stacks (the server
+        does this): its settings and residency apply, and closing this stack leaves it open.
         """
         manifest, models, adapters, plan = prepare_stack(
             stack, budget=budget, policy=policy, offline=offline, strict=strict, ctx_size=ctx_size, threads=threads,
@@ -266,15 +300,21 @@ class Stack:
             prefix_cache=rt.prefix_cache,
             kv_cache_type=rt.kv_cache_type,
         )
-        pool = ModelPool(settings, max_resident=plan.max_resident)
+        owns_pool = pool is None
+        if pool is None:
+            pool = ModelPool(settings, max_resident=plan.max_resident)
+        else:
+            settings = pool.settings
         pipeline = Pipeline(manifest=manifest, models=models, adapters=adapters, pool=pool, policy=plan.policy)
-        self = cls(manifest=manifest, pipeline=pipeline, settings=settings, measure_rss=measure_rss, plan=plan)
+        self = cls(manifest=manifest, pipeline=pipeline, settings=settings, measure_rss=measure_rss, plan=plan,
+                   owns_pool=owns_pool)
         if preload:
             try:
                 for m in list(models.values())[: plan.max_resident or len(models)]:
                     pool.get(m)
             except BaseException:
-                pool.close()
+                if owns_pool:
+                    pool.close()
                 raise
         return self
 
@@ -288,6 +328,8 @@ class Stack:
         holder: "weakref.ref[StreamingRun] | None",
         on_stage_start: Callable[[StageSpec], None] | None = None,
         me: "list[weakref.ref]" = (),  # type: ignore[assignment]
+        on_text: TextCallback | None = None,
+        final: FinalStageSettings | None = None,
     ) -> Iterator[str]:
         with self._locked(me[0] if me else None):
             if self._closed:
@@ -297,7 +339,8 @@ class Stack:
                 sampler.start()
             try:
                 result = yield from self.pipeline.execute(
-                    prompt, truncate=truncate, on_stage_start=on_stage_start, on_stage_end=on_stage_end
+                    prompt, truncate=truncate, on_stage_start=on_stage_start, on_stage_end=on_stage_end,
+                    on_text=on_text, final=final,
                 )
             finally:
                 peak = sampler.stop() if sampler else 0
@@ -317,10 +360,17 @@ class Stack:
         truncate: bool = False,
         on_stage_start: Callable[[StageSpec], None] | None = None,
         on_stage_end: Callable[[StageTrace], None] | None = None,
+        on_text: TextCallback | None = None,
+        final: FinalStageSettings | None = None,
     ) -> RunResult:
-        """Run every stage on ``prompt`` and return the answer with its trace."""
+        """Run every stage on ``prompt`` and return the answer with its trace.
+
+        ``on_text(stage, piece)`` sees every stage's text as it is generated; an exception it
+        raises stops the run at once. ``final`` sets the last stage's ``max_tokens``,
+        ``temperature``, ``seed`` or ``stop`` for this run only.
+        """
         me: list = []
-        gen = self._execute(prompt, truncate, on_stage_end, None, on_stage_start, me)
+        gen = self._execute(prompt, truncate, on_stage_end, None, on_stage_start, me, on_text, final)
         me.append(weakref.ref(gen))
         while True:
             try:
@@ -329,14 +379,19 @@ class Stack:
                 return stop.value
 
     def stream(
-        self, prompt: str, *, truncate: bool = False, on_stage_end: Callable[[StageTrace], None] | None = None
+        self,
+        prompt: str,
+        *,
+        truncate: bool = False,
+        on_stage_end: Callable[[StageTrace], None] | None = None,
+        final: FinalStageSettings | None = None,
     ) -> StreamingRun:
         """Like :meth:`run`, but yields the final stage's text as it is generated."""
         holder = StreamingRun(iter(()))
         # a weak reference: the generator must not keep its StreamingRun alive, or an abandoned
         # stream would hold the stack's lock until the garbage collector breaks the cycle
         me: list = []
-        holder._gen = self._execute(prompt, truncate, on_stage_end, weakref.ref(holder), None, me)
+        holder._gen = self._execute(prompt, truncate, on_stage_end, weakref.ref(holder), None, me, None, final)
         me.append(weakref.ref(holder._gen))
         return holder
 
@@ -346,7 +401,8 @@ class Stack:
         with self._locked():
             if not self._closed:
                 self._closed = True
-                self.pipeline.pool.close()
+                if self.owns_pool:
+                    self.pipeline.pool.close()
 
     def __enter__(self) -> "Stack":
         return self

@@ -8,6 +8,7 @@ generator that yields the final stage's text as it is produced and *returns* the
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -90,6 +91,32 @@ class RunResult:
 
 StageCallback = Callable[[StageSpec], None]
 TraceCallback = Callable[[StageTrace], None]
+TextCallback = Callable[[StageSpec, str], None]
+
+
+@dataclass(frozen=True)
+class FinalStageSettings:
+    """What one request may change about the final stage: how long, how random, where to stop.
+
+    The intermediate stages keep their manifest settings, since their adapters were trained
+    for them; only the answer is the caller's to shape (OpenAI's ``max_tokens``,
+    ``temperature``, ``seed`` and ``stop``). ``None`` keeps the manifest's value.
+    """
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+
+    def apply(self, stage: StageSpec) -> StageSpec:
+        changes: dict = {}
+        if self.max_tokens is not None:
+            changes["max_tokens"] = self.max_tokens
+        if self.stop is not None:
+            changes["stop"] = tuple(self.stop)
+        if self.temperature is not None:
+            changes["sampling"] = dataclasses.replace(stage.sampling, temperature=self.temperature)
+        return dataclasses.replace(stage, **changes) if changes else stage
 
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab, LF, CR
@@ -123,10 +150,17 @@ class Pipeline:
     policy: str = "all"
 
     def run_stage(
-        self, i: int, values: dict[str, str], *, truncate: bool = False
+        self, i: int, values: dict[str, str], *, truncate: bool = False, final: FinalStageSettings | None = None
     ) -> Generator[str, None, StageTrace]:
-        """Run stage ``i`` on ``values`` (``input`` plus earlier outputs), yielding its text as generated."""
+        """Run stage ``i`` on ``values`` (``input`` plus earlier outputs), yielding its text as generated.
+
+        ``final`` changes this stage's length, temperature, seed or stops for this run only.
+        """
         stage = self.manifest.stages[i]
+        seed = self.pool.settings.seed + i
+        if final is not None:
+            stage = final.apply(stage)
+            seed = final.seed if final.seed is not None else seed
         t0 = time.perf_counter()
         c0 = self.pool.counters.snapshot()
         lm = self.pool.get(self.models[stage.model])
@@ -136,12 +170,14 @@ class Pipeline:
         lm.activate(adapter, self.pool.counters)
         tokens, dropped = prepare(lm, stage, values, self.pool.settings.ctx_size, truncate=truncate)
         gen = Generation(truncated_input_tokens=dropped)
-        yield from generate(lm, stage, tokens, self.pool.settings.seed + i, gen)
+        yield from generate(lm, stage, tokens, seed, gen)
         return _trace(stage, gen, adapter, time.perf_counter() - t0, self.pool.counters.since(c0))
 
-    def finish_stage(self, i: int, values: dict[str, str], *, truncate: bool = False) -> StageTrace:
+    def finish_stage(
+        self, i: int, values: dict[str, str], *, truncate: bool = False, final: FinalStageSettings | None = None
+    ) -> StageTrace:
         """Run stage ``i`` to the end without streaming, for callers that only need its trace."""
-        steps = self.run_stage(i, values, truncate=truncate)
+        steps = self.run_stage(i, values, truncate=truncate, final=final)
         while True:
             try:
                 next(steps)
@@ -158,6 +194,7 @@ class Pipeline:
         spare_bytes: int | None = None,
         on_trace: Callable[[int, StageTrace], None] | None = None,
         on_error: Callable[[int, PromptError], None] | None = None,
+        final: FinalStageSettings | None = None,
     ) -> list[StageTrace]:
         """Run stage ``i`` for every prompt's ``values`` in ``group``, ``width`` decoded together.
 
@@ -167,12 +204,15 @@ class Pipeline:
         caller can save it at once. Sampled stages (temperature > 0) always go one at a
         time. Greedy answers can differ slightly from one-at-a-time runs (see parallel.py).
         With ``on_error(index, error)``, a prompt that cannot run (too long for the context)
-        is reported and skipped instead of failing the whole group.
+        is reported and skipped instead of failing the whole group. ``final`` applies to every
+        prompt of the group, as in :meth:`run_stage`.
         """
         from .memory import compute_bytes, effective_kv_type, kv_cache_bytes
         from .parallel import ParallelContext, chunk_size, generate_group, seq_cells
 
         stage = self.manifest.stages[i]
+        if final is not None:
+            stage = final.apply(stage)
 
         def one_by_one(skip: Collection[int] = ()) -> list[StageTrace]:
             traces = []
@@ -180,7 +220,7 @@ class Pipeline:
                 if j in skip:
                     continue
                 try:
-                    traces.append(self.finish_stage(i, v, truncate=truncate))
+                    traces.append(self.finish_stage(i, v, truncate=truncate, final=final))
                 except PromptError as exc:
                     if on_error is None:
                         raise
@@ -256,7 +296,14 @@ class Pipeline:
         truncate: bool = False,
         on_stage_start: StageCallback | None = None,
         on_stage_end: TraceCallback | None = None,
+        on_text: TextCallback | None = None,
+        final: FinalStageSettings | None = None,
     ) -> Generator[str, None, RunResult]:
+        """Yield the final stage's text as generated; return the whole trace.
+
+        ``on_text`` sees every stage's text as it is generated, not only the final one's (a
+        callback that raises stops the run there). ``final`` applies to the last stage only.
+        """
         prompt = clean_prompt(prompt)
         values: dict[str, str] = {"input": prompt}
         traces: list[StageTrace] = []
@@ -266,13 +313,15 @@ class Pipeline:
         for i, stage in enumerate(self.manifest.stages):
             if on_stage_start:
                 on_stage_start(stage)
-            steps = self.run_stage(i, values, truncate=truncate)
+            steps = self.run_stage(i, values, truncate=truncate, final=final if i == last else None)
             while True:
                 try:
                     piece = next(steps)
                 except StopIteration as done:
                     trace = done.value
                     break
+                if on_text:
+                    on_text(stage, piece)
                 if i == last:
                     yield piece
             traces.append(trace)

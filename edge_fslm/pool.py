@@ -23,6 +23,7 @@ import ctypes
 import gc
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -224,6 +225,9 @@ class ModelPool:
         self.max_resident = max_resident
         self.counters = PoolCounters()
         self._loaded: "OrderedDict[str, LoadedModel]" = OrderedDict()
+        # held by whoever runs a stage on this pool's models: every Stack built on the pool
+        # (a server serves several stacks on one pool) takes it for a whole run
+        self.run_lock = threading.Lock()
 
     @property
     def resident(self) -> list[str]:
