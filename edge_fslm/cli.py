@@ -432,6 +432,10 @@ from .evaluation.cli import eval_group  # noqa: E402
 
 main.add_command(eval_group)
 
+from .serve.cli import serve  # noqa: E402  (starlette and uvicorn import only when it runs)
+
+main.add_command(serve)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
