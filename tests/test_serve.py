@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from edge_fslm.pipeline import FinalStageSettings
+from edge_fslm.testing import free_port, start_server
 
-from .serve_helpers import free_port, start_server, write_quick_stack
+from .serve_helpers import write_quick_stack
 
 openai = pytest.importorskip("openai")
 
