@@ -147,9 +147,9 @@ def main() -> None:
     ap.add_argument("--stacks", default=",".join(STACKS))
     args = ap.parse_args()
     prompts = (DEFAULT_PROMPTS + EXTRA)[: args.prompts]
-    from edge_fslm.pool import _llama_cpp
+    from edge_fslm.pool import llama_cpp_lib
 
-    _llama_cpp()  # same OpenMP wait policy for every column
+    llama_cpp_lib()  # same OpenMP wait policy for every column
     results = {name: measure_stack(name, prompts, args.threads) for name in args.stacks.split(",")}
     for name, res in results.items():
         secs = res["seconds"]

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from .errors import EdgeFSLMError
 from .manifest import StageSpec
-from .pool import _GGML_TYPES, LoadedModel, LoadSettings, PoolCounters, ResolvedAdapter, _llama_cpp
+from .pool import GGML_TYPES, LoadedModel, LoadSettings, PoolCounters, ResolvedAdapter, llama_cpp_lib
 from .stage import Generation, TokenCollector
 
 CTX_ROUND = 256  # KV cells are allocated in steps, so stages of similar length reuse one context
@@ -65,7 +65,7 @@ class ParallelContext:
     @classmethod
     def open(cls, lm: LoadedModel, settings: LoadSettings, n_seq: int, cells: int, kv_type: str) -> "ParallelContext":
         """A context of ``n_seq`` sequences with ``cells`` KV cells each, batching like the main one."""
-        lc = _llama_cpp()
+        lc = llama_cpp_lib()
         p = lc.llama_context_default_params()
         n_batch = chunk_size(settings)
         n_ctx = max(n_seq * cells, n_batch)
@@ -76,8 +76,8 @@ class ParallelContext:
         p.kv_unified = False  # a stream per sequence: see the module docstring
         p.n_threads = settings.threads
         p.n_threads_batch = settings.threads
-        p.type_k = _GGML_TYPES[kv_type]
-        p.type_v = _GGML_TYPES[kv_type]
+        p.type_k = GGML_TYPES[kv_type]
+        p.type_v = GGML_TYPES[kv_type]
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = lc.llama_init_from_model(lm.llm._model.model, p)
         if not ctx:
@@ -100,7 +100,7 @@ class ParallelContext:
 
     def close(self) -> None:
         if self.ctx is not None:
-            _llama_cpp().llama_free(self.ctx)
+            llama_cpp_lib().llama_free(self.ctx)
             self.ctx = None
 
 
@@ -109,7 +109,7 @@ class _Batch:
     token's index, which is where its logits are read after the decode."""
 
     def __init__(self, capacity: int, n_seq: int):
-        lc = _llama_cpp()
+        lc = llama_cpp_lib()
         self.lc = lc
         self.capacity = capacity
         self.b = lc.llama_batch_init(capacity, 0, n_seq)
@@ -164,7 +164,7 @@ def generate_group(
     seconds are its own span, from entering a slot to its last token, shared with the
     prompts it ran beside.
     """
-    lc = _llama_cpp()
+    lc = llama_cpp_lib()
     lm = pctx.lm
     llm = lm.llm
     width = pctx.n_seq - 1  # the last sequence holds the shared prefix

@@ -100,10 +100,16 @@ class PoolCounters:
 
 
 _LOG = {"verbose": False, "callback": None}
-_GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids, as llama.cpp's --cache-type-k/-v take them
+GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids, as llama.cpp's --cache-type-k/-v take them
 
 
-def _llama_cpp():
+def llama_cpp_lib():
+    """The ``llama_cpp`` module, imported once with edge-fslm's log routing: the one way in.
+
+    Modules that need llama.cpp's low-level API (scoring, parallel decoding) call this
+    instead of importing ``llama_cpp`` themselves, so the log stays quiet and the backtrace
+    guard is set before the library loads.
+    """
     # On an abort, ggml forks gdb for a backtrace; an orphaned gdb can hang the caller's pipeline.
     os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     import llama_cpp  # deferred: importing it costs ~0.1 s and `inspect`/`plan` never need it
@@ -151,11 +157,11 @@ class LoadedModel:
 
     @property
     def vocab(self) -> Any:
-        return _llama_cpp().llama_model_get_vocab(self.llm._model.model)
+        return llama_cpp_lib().llama_model_get_vocab(self.llm._model.model)
 
     def clear_kv(self) -> None:
         """Forget every evaluated token, so the next stage starts from an empty cache."""
-        lc = _llama_cpp()
+        lc = llama_cpp_lib()
         self.llm.reset()
         mem = lc.llama_get_memory(self.llm._ctx.ctx)
         if mem is not None:
@@ -165,7 +171,7 @@ class LoadedModel:
         key = str(adapter.path)
         handle = self.adapters.get(key)
         if handle is None:
-            lc = _llama_cpp()
+            lc = llama_cpp_lib()
             handle = lc.llama_adapter_lora_init(self.llm._model.model, key.encode())
             if not handle:
                 raise GGUFError(
@@ -179,7 +185,7 @@ class LoadedModel:
     def set_adapter_on(self, ctx: Any, adapter: ResolvedAdapter | None, counters: PoolCounters) -> None:
         """Make ``adapter`` (or none) the active set of ``ctx``, a context of this model.
         Adapter handles belong to the model, so every context of it can share them."""
-        lc = _llama_cpp()
+        lc = llama_cpp_lib()
         if adapter is None:
             rc = lc.llama_set_adapters_lora(ctx, None, 0, None)
         else:
@@ -250,7 +256,7 @@ class ModelPool:
         return lm
 
     def _load(self, model: ResolvedModel) -> LoadedModel:
-        _llama_cpp()
+        llama_cpp_lib()
         from llama_cpp import Llama
 
         from .memory import effective_kv_type
@@ -266,8 +272,8 @@ class ModelPool:
                 n_batch=min(s.batch_size, s.ctx_size),
                 n_ubatch=min(s.batch_size, s.ctx_size),
                 flash_attn=s.flash_attn,
-                type_k=_GGML_TYPES[kv_type],
-                type_v=_GGML_TYPES[kv_type],
+                type_k=GGML_TYPES[kv_type],
+                type_v=GGML_TYPES[kv_type],
                 n_threads=s.threads,
                 n_threads_batch=s.threads,
                 n_gpu_layers=s.gpu_layers,

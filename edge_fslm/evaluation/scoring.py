@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import EdgeFSLMError, PromptError
-from ..pool import LoadedModel, _llama_cpp
+from ..pool import LoadedModel, llama_cpp_lib
 
 # Continuation tokens per decode call. It bounds memory (llama.cpp's logits buffer holds this many
 # rows of n_vocab floats) and keeps scores independent of batching: llama.cpp's CPU flash-attention
@@ -34,7 +34,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def encode(lm: LoadedModel, text: str, *, bos: bool = False) -> list[int]:
     """Tokenize data text (never parsing special tokens in it), with BOS only if asked and the model wants it."""
-    add_bos = bos and bool(_llama_cpp().llama_vocab_get_add_bos(lm.vocab))
+    add_bos = bos and bool(llama_cpp_lib().llama_vocab_get_add_bos(lm.vocab))
     return lm.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
 
 
@@ -57,7 +57,7 @@ class _Batch:
     """A llama_batch for one sequence, freed on exit."""
 
     def __init__(self, capacity: int):
-        self.lc = _llama_cpp()
+        self.lc = llama_cpp_lib()
         self.capacity = capacity
         self.batch = self.lc.llama_batch_init(capacity, 0, 1)
 
@@ -112,7 +112,7 @@ def loglikelihood(
     context tokens from the left (as lm-evaluation-harness does); otherwise it is an error.
     The KV cache is empty afterwards, as every stage expects.
     """
-    lc = _llama_cpp()
+    lc = llama_cpp_lib()
     ctx = lm.llm._ctx.ctx
     # llama.cpp may round the context up (flash attention pads it); the size asked for is the limit
     n_ctx = min(lc.llama_n_ctx(ctx), lm.llm.context_params.n_ctx or lc.llama_n_ctx(ctx))
