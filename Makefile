@@ -8,9 +8,9 @@ install:
 	scripts/install.sh
 
 # the converter's and the training loop's tests need the [train] extra (torch==2.13.0 CPU,
-# transformers, peft); the lm-evaluation-harness adapter's tests need [eval]
+# transformers, peft); the lm-evaluation-harness adapter's tests need [eval]; the cluster tests [ray]
 install-test:
-	scripts/install.sh test,train,eval
+	scripts/install.sh test,train,eval,ray
 
 run: install
 	$(VENV)/bin/edge-fslm run "$(PROMPT)"

@@ -158,6 +158,65 @@ def run_batch(
             checkpoints.close()
 
 
+def run_items(
+    stack,
+    items: list[BatchItem],
+    *,
+    truncate: bool = False,
+    parallel: int = 1,
+    where: str = "",
+    on_result: Callable[[dict], None],
+    on_checkpoint: Callable[[BatchItem, str, dict], None] | None = None,
+    on_step: Callable[[BatchItem, StageTrace], None] | None = None,
+) -> tuple[int, dict[str, str]]:
+    """Run ``items`` through ``stack`` stage-major; the engine under batch mode and the Ray workers.
+
+    Steps already in ``item.traces`` (resumed from a checkpoint) are not run again. Each
+    finished prompt's result record goes to ``on_result`` at once, and every earlier step to
+    ``on_checkpoint``. Returns how many prompts finished, and ``id -> why`` for the prompts that
+    could not run (too long for the context); the others go on.
+    """
+    stage_names = [s.name for s in stack.manifest.stages]
+    last = len(stage_names) - 1
+    completed = 0
+    failed: dict[str, str] = {}
+
+    def record(item: BatchItem, i: int, trace: StageTrace) -> None:
+        nonlocal completed
+        name = stage_names[i]
+        item.values[name] = trace.output
+        item.traces[name] = trace.to_dict()
+        if i < last:
+            if on_checkpoint:
+                on_checkpoint(item, name, item.traces[name])
+        else:
+            stages = [item.traces[n] for n in stage_names]
+            on_result({"id": item.id, "prompt": item.prompt, "answer": trace.output,
+                       "stages": stages, "stack": stack.manifest.name})
+            completed += 1
+        if on_step:
+            on_step(item, trace)
+
+    try:
+        with stack.exclusive():
+            spare = _spare_bytes(stack)
+            for i, name in enumerate(stage_names):
+                todo = [item for item in items if name not in item.traces and item.id not in failed]
+                if todo:
+                    values = [{"input": item.prompt, **item.values} for item in todo]
+
+                    def skip(j: int, exc: PromptError, todo=todo) -> None:
+                        failed[todo[j].id] = f"{where}:{todo[j].line}: id {todo[j].id!r}: {exc}"
+
+                    stack.pipeline.finish_stage_group(
+                        i, values, width=parallel, truncate=truncate, spare_bytes=spare,
+                        on_trace=lambda j, trace: record(todo[j], i, trace),  # saved as each prompt finishes
+                        on_error=skip)
+    finally:
+        stack.pipeline.pool.close_parallel()
+    return completed, failed
+
+
 def _run_locked(stack, items, input_name, out, state, finished, steps, results, checkpoints, truncate, parallel,
                 on_step, steps_hint) -> BatchReport:
     done = {str(r.get("id")) for r in finished}
@@ -179,42 +238,12 @@ def _run_locked(stack, items, input_name, out, state, finished, steps, results, 
     pool = stack.pipeline.pool
     before = pool.counters.snapshot()
     t0 = time.perf_counter()
-    completed = 0
-    failed: dict[str, str] = {}  # id -> why; these prompts are skipped, the rest go on
-    last = len(stage_names) - 1
-
-    def record(item: BatchItem, i: int, trace: StageTrace) -> None:
-        nonlocal completed
-        name = stage_names[i]
-        item.values[name] = trace.output
-        item.traces[name] = trace.to_dict()
-        if i < last:
-            checkpoints.write({"stack": stack.manifest.name, "id": item.id, "stage": name, "trace": item.traces[name]})
-        else:
-            stages = [item.traces[n] for n in stage_names]
-            results.write({"id": item.id, "prompt": item.prompt, "answer": trace.output,
-                           "stages": stages, "stack": stack.manifest.name})
-            completed += 1
-        if on_step:
-            on_step(item, trace)
-
-    try:
-        with stack.exclusive():
-            spare = _spare_bytes(stack)
-            for i, name in enumerate(stage_names):
-                todo = [item for item in pending if name not in item.traces and item.id not in failed]
-                if todo:
-                    values = [{"input": item.prompt, **item.values} for item in todo]
-
-                    def skip(j: int, exc: PromptError, todo=todo) -> None:
-                        failed[todo[j].id] = f"{input_name}:{todo[j].line}: id {todo[j].id!r}: {exc}"
-
-                    stack.pipeline.finish_stage_group(
-                        i, values, width=parallel, truncate=truncate, spare_bytes=spare,
-                        on_trace=lambda j, trace: record(todo[j], i, trace),  # saved as each prompt finishes
-                        on_error=skip)
-    finally:
-        pool.close_parallel()
+    name = stack.manifest.name
+    completed, failed = run_items(
+        stack, pending, truncate=truncate, parallel=parallel, where=input_name, on_result=results.write,
+        on_checkpoint=lambda item, stage, trace: checkpoints.write(
+            {"stack": name, "id": item.id, "stage": stage, "trace": trace}),
+        on_step=on_step)
     if completed == len(pending) and state.exists():
         state.unlink()
     spent = pool.counters.since(before)

