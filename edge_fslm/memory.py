@@ -32,6 +32,7 @@ import psutil
 
 from .errors import BudgetError
 from .gguf_info import GGUFInfo
+from .units import fmt_bytes  # noqa: F401  (callers import it from here too)
 
 MiB = 1 << 20
 # Calibrated on x86-64 Linux, llama.cpp via llama-cpp-python 0.3.36, flash attention on,
@@ -73,10 +74,6 @@ def parse_budget(text: str | int | None, *, available: int | None = None) -> int
     if value <= 0:
         raise BudgetError(f"budget {s}: must be positive")
     return value
-
-
-def fmt_bytes(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.0f} MB"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from ..pool import LoadedModel
 from ..rss import RssSampler
 from .scoring import encode, encode_pair, loglikelihood
 from ..stage import prepare
+from ..units import fmt_bytes
 
 Progress = Callable[[int, int], None]  # (done, total), called after each item
 ARC_CONTEXT = "Question: {question}\nAnswer:"  # lm-evaluation-harness's arc_easy / arc_challenge prompt
@@ -144,10 +145,6 @@ def _stderr(values: list[float]) -> float | None:
     return float(np.std(values, ddof=1) / math.sqrt(len(values)))
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
 def _table(rows: list[tuple[str, str]]) -> list[str]:
     width = max(len(k) for k, _ in rows)
     return [f"  {k.ljust(width)}  {v}" for k, v in rows]
@@ -199,7 +196,7 @@ class ArcReport:
                 ("acc_norm", _pm(self.acc_norm, self.acc_norm_stderr)),
                 ("s/question", f"{self.mean_seconds:.3f}"),
                 ("load s", f"{self.load_seconds:.3f}"),
-                ("peak RSS", _mb(self.peak_rss_bytes)),
+                ("peak RSS", fmt_bytes(self.peak_rss_bytes, 1)),
             ]),
         ])
 
@@ -250,7 +247,7 @@ class InstructReport:
                 ("Levenshtein sim", f"{self.levenshtein:.4f}"),
                 ("s/prompt", f"{self.mean_seconds:.3f}"),
                 ("load s", f"{self.load_seconds:.3f}"),
-                ("peak RSS", _mb(self.peak_rss_bytes)),
+                ("peak RSS", fmt_bytes(self.peak_rss_bytes, 1)),
             ]),
         ])
 

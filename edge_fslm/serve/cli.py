@@ -7,6 +7,7 @@ import signal
 import click
 
 from ..errors import EdgeFSLMError
+from ..units import fmt_bytes
 
 DEFAULT_PORT = 8080  # llama-server's
 
@@ -72,7 +73,7 @@ def serve(stacks, host, port, api_key, insecure, budget, ctx_size, threads, para
     names = ", ".join(registry.names)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"edge-fslm serve: {names} on http://{shown}:{port}/v1 (page at /) · budget "
-               f"{'none' if registry.budget is None else f'{registry.budget / 1e6:.0f} MB'} · parallel {parallel}",
+               f"{'none' if registry.budget is None else fmt_bytes(registry.budget)} · parallel {parallel}",
                err=True)
     # uvicorn re-raises the signal that stopped it once it has drained; a handler that only
     # returns makes that a clean exit 0 instead of death by SIGTERM

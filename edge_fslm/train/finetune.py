@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import gguf_info, sources
+from ..units import fmt_bytes
 from ..jsonl import folder_lock, read_records
 from .distill import STAGE_ROW_KEYS
 from ..errors import DataError, EdgeFSLMError
@@ -387,7 +388,7 @@ def train_stage(
     tmp = result_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, result_file)
-    say(f"[{stage.name}] wrote {gguf_out} ({gguf_out.stat().st_size / 1e6:.1f} MB), loss {result.first_loss} → {result.last_loss}")
+    say(f"[{stage.name}] wrote {gguf_out} ({fmt_bytes(gguf_out.stat().st_size, 1)}), loss {result.first_loss} → {result.last_loss}")
     return result
 
 
