@@ -1,0 +1,201 @@
+"""edge-fslm serve against llama-cpp-python's own server, on the same model and the same stack.
+
+The peer a user would pick instead is ``python -m llama_cpp.server`` (llama-cpp-python's
+``[server]`` extra) running SmolLM2-135M-Instruct. It cannot switch LoRA adapters, so the only
+stack it can run is the prompted one, ``fslm-smollm2-prompted``; its client chains the four
+stage prompts itself (each stage's messages, max_tokens, stop and repeat_penalty, greedy), as
+an app would. edge-fslm serves the same stack as one model.
+
+Measured in one run, on the same prompts: requests/s and p50/p95 latency of a whole stack
+request at 1, 4 and 8 concurrent clients (edge-fslm with ``--parallel 4``), and the server
+process's peak RSS (VmHWM) serving one stack against two stacks on the same base. With
+chromium and Selenium installed it also saves a screenshot of the page at ``/``.
+
+    python benchmarks/serve.py [--requests 8] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from common import RESULTS, median, p95, smollm2_path, table, write_result
+
+from edge_fslm.testing import free_port, start_server
+
+STACK = "fslm-smollm2-prompted"
+PROMPTS = [
+    "Why is the sky blue?", "What do plants need to grow?", "How does a magnet work?",
+    "Why do we have seasons?", "What is photosynthesis?", "How do bees make honey?",
+    "What causes rain?", "Why does ice float on water?",
+]
+
+
+def vm_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def start_peer(threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()), "--n_ctx", "2048",
+           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama_cpp.server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("llama_cpp.server did not start")
+
+
+def peer_request(url: str, manifest, prompt: str) -> str:
+    """What an app does against llama_cpp.server: render each stage's messages, chain the outputs."""
+    values = {"input": prompt}
+    with httpx.Client(timeout=600) as client:
+        for stage in manifest.stages:
+            messages = [{"role": m.role, "content": m.content.render(values)} for m in stage.messages]
+            body = {"messages": messages, "max_tokens": stage.max_tokens, "temperature": 0.0,
+                    "repeat_penalty": stage.sampling.repeat_penalty, "stop": list(stage.stop) or None}
+            r = client.post(f"{url}/v1/chat/completions", json=body)
+            r.raise_for_status()
+            values[stage.name] = r.json()["choices"][0]["message"]["content"].strip()
+    return values[manifest.stages[-1].name]
+
+
+def ours_request(url: str, prompt: str, model: str = STACK) -> str:
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=600,
+                   json={"model": model, "messages": [{"role": "user", "content": prompt}]})
+    r.raise_for_status()
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def load(fn, clients: int, n: int) -> dict:
+    """``n`` requests from ``clients`` concurrent clients; throughput and latency."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    lat: list[float] = []
+
+    def one(p: str) -> None:
+        t = time.perf_counter()
+        fn(p)
+        lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, prompts))
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": n, "seconds": wall, "rps": n / wall, "p50_s": median(lat),
+            "p95_s": p95(lat)}
+
+
+def screenshot(url: str, out: Path) -> bool:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError:
+        return False
+    if not (chromium and driver):
+        return False
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,1100"):
+        opts.add_argument(arg)
+    d = webdriver.Chrome(options=opts, service=Service(executable_path=driver))
+    try:
+        d.get(url + "/")
+        WebDriverWait(d, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        d.find_element(By.ID, "prompt").send_keys("Why do leaves change color in autumn?")
+        d.find_element(By.ID, "send").click()
+        WebDriverWait(d, 300).until(lambda d: d.find_elements(By.CSS_SELECTOR, "body[data-done='1']"))
+        return d.save_screenshot(str(out))
+    finally:
+        d.quit()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=8, help="requests at each concurrency level")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--parallel", type=int, default=4)
+    args = ap.parse_args()
+    from edge_fslm.manifest import load_stack
+
+    manifest = load_stack(STACK)
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "edge-fslm-bench-serve"
+    tmp.mkdir(parents=True, exist_ok=True)
+    levels = (1, 4, 8)
+
+    peer, peer_url = start_peer(args.threads, tmp / "peer.log")
+    try:
+        peer_request(peer_url, manifest, PROMPTS[0])  # warm
+        peer_rows = [load(lambda p: peer_request(peer_url, manifest, p), c, args.requests) for c in levels]
+        peer_rss = vm_hwm(peer.pid)
+    finally:
+        peer.terminate()
+        peer.wait(30)
+
+    ours = start_server(["--stack", STACK, "--parallel", str(args.parallel), "--threads", str(args.threads),
+                         "--preload"], tmp / "ours.log")
+    try:
+        ours_request(ours.url, PROMPTS[0])
+        our_rows = [load(lambda p: ours_request(ours.url, p), c, args.requests) for c in levels]
+        one_stack_rss = vm_hwm(ours.proc.pid)
+        shot = screenshot(ours.url, RESULTS / "serve_page.png")
+    finally:
+        ours.terminate()
+
+    two = start_server(["--stack", STACK, "--stack", "fslm-smollm2", "--threads", str(args.threads), "--preload"],
+                       tmp / "two.log")
+    try:
+        for p in PROMPTS[:4]:
+            ours_request(two.url, p, STACK)
+            ours_request(two.url, p, "fslm-smollm2")
+        two_stack_rss = vm_hwm(two.proc.pid)
+    finally:
+        two.terminate()
+
+    rows = []
+    for mine, theirs in zip(our_rows, peer_rows):
+        rows.append([mine["clients"], f"{mine['rps']:.3f}", f"{theirs['rps']:.3f}", f"{mine['rps'] / theirs['rps']:.2f}x",
+                     f"{mine['p50_s']:.2f} / {mine['p95_s']:.2f}", f"{theirs['p50_s']:.2f} / {theirs['p95_s']:.2f}"])
+    print(f"{STACK}, {args.requests} requests a level, {args.threads} threads; edge-fslm --parallel {args.parallel}")
+    print(table(rows, ["clients", "edge-fslm req/s", "llama_cpp.server req/s", "ratio", "ours p50/p95 s",
+                       "peer p50/p95 s"]))
+    ratio = two_stack_rss / one_stack_rss
+    print(f"\nserver peak RSS: one stack {one_stack_rss / 1e6:.0f} MB, two stacks on one base {two_stack_rss / 1e6:.0f} MB"
+          f" ({ratio:.2f}x; target <= 1.2x); llama_cpp.server {peer_rss / 1e6:.0f} MB")
+    if shot:
+        print(f"page screenshot: {RESULTS / 'serve_page.png'}")
+    path = write_result("serve", {
+        "stack": STACK, "threads": args.threads, "parallel": args.parallel, "requests_per_level": args.requests,
+        "edge_fslm": our_rows, "llama_cpp_server": peer_rows,
+        "throughput_ratio": {str(m["clients"]): m["rps"] / t["rps"] for m, t in zip(our_rows, peer_rows)},
+        "peak_rss_bytes": {"one_stack": one_stack_rss, "two_stacks_one_base": two_stack_rss,
+                           "llama_cpp_server": peer_rss},
+        "two_stack_rss_ratio": ratio,
+        "targets": {"ratio_1_client": 1.0, "ratio_8_clients": 1.5, "two_stack_rss_ratio": 1.2},
+        "screenshot": "serve_page.png" if shot else None,
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
