@@ -152,7 +152,7 @@ class LoadedModel:
     active: tuple[str, float] | None = None
     pinned: bool = False
     prefix_cache_enabled: bool = True
-    prefix_cache: dict = field(default_factory=dict)  # (stage, active adapter) -> stage.PrefixState
+    prefix_cache: dict = field(default_factory=dict)  # stage.prefix_key -> stage.PrefixState
     parallel: Any = None  # parallel.ParallelContext: a multi-sequence context on this model, for batch runs
 
     @property

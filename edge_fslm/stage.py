@@ -334,12 +334,21 @@ def fresh_prefix_split(lm: LoadedModel, stage: StageSpec, tokens: list[int]) -> 
     return n if MIN_PREFIX_TOKENS <= n < len(tokens) else 0
 
 
+def prefix_key(lm: LoadedModel, stage: StageSpec, active: tuple[str, float] | None) -> tuple:
+    """The prefix cache's key: the prefix text itself and the adapter it was computed under.
+
+    Stacks that share a pool (the server) may name their stages alike with different
+    prompts, so a stage's name alone would let one stack's saved prefix shadow another's.
+    """
+    return (static_prefix(lm, stage), active)
+
+
 def prefix_split(lm: LoadedModel, stage: StageSpec, tokens: list[int], active: tuple[str, float] | None) -> int:
     """Where the sequential path splits ``tokens`` under adapter ``active``: the saved prefix's
     length when one is cached for it, otherwise where one would be built."""
     if not lm.prefix_cache_enabled:
         return 0
-    entry = lm.prefix_cache.get((stage.name, active))
+    entry = lm.prefix_cache.get(prefix_key(lm, stage, active))
     if entry is None:
         return fresh_prefix_split(lm, stage, tokens)
     n = len(entry.tokens)
@@ -360,7 +369,7 @@ def _restore_or_build_prefix(lm: LoadedModel, stage: StageSpec, tokens: list[int
     lm.clear_kv()
     if not lm.prefix_cache_enabled:
         return 0
-    key = (stage.name, lm.active)
+    key = prefix_key(lm, stage, lm.active)
     entry = lm.prefix_cache.get(key)
     ctx = llm._ctx.ctx
     if entry is None:

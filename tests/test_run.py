@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -273,3 +274,35 @@ def test_abandoned_stream_does_not_block_the_next_run_or_close(smollm2_path):
     t.join(120)
     assert not t.is_alive(), "run() or close() hung after an abandoned stream"
     assert outcome.get("closed") and outcome["answer"]
+
+
+def test_stacks_on_one_pool_keep_their_own_prefixes(smollm2_path, tmp_path):
+    """Two stacks on one pool (as the server runs them) whose stages share a name but not a
+    prompt: each keeps its own saved prefix, and neither changes the other's answers."""
+    def stack(name: str, system: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.gguf").symlink_to(smollm2_path)
+        return write_manifest(folder, f"""
+[stack]
+name = "{name}"
+[models.smol]
+source = "model.gguf"
+[[stages]]
+name = "reply"
+max_tokens = 8
+messages = [
+  {{ role = "system", content = "{system}" }},
+  {{ role = "user", content = "{{input}}" }},
+]
+""")
+    a = stack("formal", "You are a formal assistant. Answer in one complete, polite sentence, and never use slang.")
+    b = stack("pirate", "You are a cheerful pirate. Answer in one short sentence, and always say arr at the end.")
+    with Stack.load(b, preload=False) as alone:
+        b_alone = [alone.run(p).answer for p in PROMPTS[:2]]
+    with Stack.load(a, preload=False) as sa, Stack.load(b, pool=sa.pipeline.pool, preload=False) as sb:
+        for p in PROMPTS[:2]:
+            ra, rb = sa.run(p), sb.run(p)
+        assert ra.stages[0].cached_prompt_tokens > 16  # each stack's second run starts from its saved prefix
+        assert rb.stages[0].cached_prompt_tokens > 16
+        assert [sb.run(p).answer for p in PROMPTS[:2]] == b_alone
