@@ -128,18 +128,26 @@ def _write_atomic(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on a host:port nobody listens on: ray.init would retry it for minutes."""
-    import socket
-
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``--ray``'s HOST:PORT (None for auto and local); checked before any file is touched."""
     if address in ("auto", "local"):
-        return
+        return None
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         raise EdgeFSLMError(f"--ray {address}: expected auto, local, HOST:PORT or ray://HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on: ray.init would retry it for minutes."""
+    import socket
+
+    target = _host_port(address)
+    if target is None:
+        return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection(target, timeout=timeout).close()
     except OSError as exc:
         raise EdgeFSLMError(f"--ray {address}: cannot connect to a Ray cluster ({exc.strerror or exc}) — start one"
                             " with `ray start --head`, or pass --ray local") from None
@@ -180,6 +188,7 @@ def run_batch_on_ray(
     """``run --input INPUT --output OUTPUT --ray ADDRESS``: shards across the cluster, merged in order."""
     import time
 
+    _host_port(address)
     items = read_inputs(input_path)
     out = Path(output_path)
     _check_paths(Path(input_path), out)

@@ -146,6 +146,16 @@ def test_an_unreachable_address_is_one_clear_line(quick, prompts_file, tmp_path)
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("address", ["nohost", "127.0.0.1:port", ":6379", "ray://", "ray://host:"])
+def test_a_malformed_address_is_one_clear_line(quick, prompts_file, tmp_path, address):
+    r = subprocess.run(ray_cmd(quick, prompts_file, tmp_path / "out.jsonl", address),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --ray {address}: expected auto, local, HOST:PORT or ray://HOST:PORT"], r.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_stack_a_worker_cannot_resolve_is_one_clear_line(cluster, prompts_file, tmp_path):
     address, env = cluster
     bad = tmp_path / "bad.toml"
