@@ -29,7 +29,9 @@ import httpx
 
 from common import RESULTS, median, p95, smollm2_path, table, write_result
 
+from edge_fslm.rss import kernel_peak
 from edge_fslm.testing import free_port, start_server
+from edge_fslm.units import fmt_bytes
 
 STACK = "fslm-smollm2-prompted"
 PROMPTS = [
@@ -37,13 +39,6 @@ PROMPTS = [
     "Why do we have seasons?", "What is photosynthesis?", "How do bees make honey?",
     "What causes rain?", "Why does ice float on water?",
 ]
-
-
-def vm_hwm(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def start_peer(threads: int, log: Path) -> tuple[subprocess.Popen, str]:
@@ -147,7 +142,7 @@ def main() -> None:
     try:
         peer_request(peer_url, manifest, PROMPTS[0])  # warm
         peer_rows = [load(lambda p: peer_request(peer_url, manifest, p), c, args.requests) for c in levels]
-        peer_rss = vm_hwm(peer.pid)
+        peer_rss = kernel_peak(peer.pid) or 0
     finally:
         peer.terminate()
         peer.wait(30)
@@ -157,7 +152,7 @@ def main() -> None:
     try:
         ours_request(ours.url, PROMPTS[0])
         our_rows = [load(lambda p: ours_request(ours.url, p), c, args.requests) for c in levels]
-        one_stack_rss = vm_hwm(ours.proc.pid)
+        one_stack_rss = kernel_peak(ours.proc.pid) or 0
         shot = screenshot(ours.url, RESULTS / "serve_page.png")
     finally:
         ours.terminate()
@@ -168,7 +163,7 @@ def main() -> None:
         for p in PROMPTS[:4]:
             ours_request(two.url, p, STACK)
             ours_request(two.url, p, "fslm-smollm2")
-        two_stack_rss = vm_hwm(two.proc.pid)
+        two_stack_rss = kernel_peak(two.proc.pid) or 0
     finally:
         two.terminate()
 
@@ -180,8 +175,8 @@ def main() -> None:
     print(table(rows, ["clients", "edge-fslm req/s", "llama_cpp.server req/s", "ratio", "ours p50/p95 s",
                        "peer p50/p95 s"]))
     ratio = two_stack_rss / one_stack_rss
-    print(f"\nserver peak RSS: one stack {one_stack_rss / 1e6:.0f} MB, two stacks on one base {two_stack_rss / 1e6:.0f} MB"
-          f" ({ratio:.2f}x; target <= 1.2x); llama_cpp.server {peer_rss / 1e6:.0f} MB")
+    print(f"\nserver peak RSS: one stack {fmt_bytes(one_stack_rss)}, two stacks on one base {fmt_bytes(two_stack_rss)}"
+          f" ({ratio:.2f}x; target <= 1.2x); llama_cpp.server {fmt_bytes(peer_rss)}")
     if shot:
         print(f"page screenshot: {RESULTS / 'serve_page.png'}")
     path = write_result("serve", {
