@@ -147,9 +147,9 @@ def main() -> None:
     ap.add_argument("--stacks", default=",".join(STACKS))
     args = ap.parse_args()
     prompts = (DEFAULT_PROMPTS + EXTRA)[: args.prompts]
-    from edge_fslm.pool import llama_cpp_lib
+    from edge_fslm import llama
 
-    llama_cpp_lib()  # same OpenMP wait policy for every column
+    llama.lib()  # same OpenMP wait policy for every column
     results = {name: measure_stack(name, prompts, args.threads) for name in args.stacks.split(",")}
     for name, res in results.items():
         secs = res["seconds"]

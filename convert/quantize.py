@@ -142,7 +142,9 @@ def quantize(
     if not isinstance(threads, int) or threads < 0:
         raise ConvertError(f"threads must be 0 (all) or a positive integer, got {threads!r}")
 
-    import llama_cpp  # deferred: loading llama.cpp costs ~0.2 s
+    from ..llama import lib  # deferred: loading llama.cpp costs ~0.2 s
+
+    llama_cpp = lib()
 
     ftype = getattr(llama_cpp, const, None)
     if ftype is None:

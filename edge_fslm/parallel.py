@@ -32,10 +32,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import llama
 from .errors import EdgeFSLMError
 from .manifest import StageSpec
-from .pool import GGML_TYPES, LoadedModel, LoadSettings, PoolCounters, ResolvedAdapter, llama_cpp_lib
+from .pool import LoadedModel, LoadSettings, PoolCounters, ResolvedAdapter
 from .stage import Generation, TokenCollector
+
+PARALLEL_HINT = "in a parallel batch — lower parallel"
 
 CTX_ROUND = 256  # KV cells are allocated in steps, so stages of similar length reuse one context
 
@@ -65,7 +68,7 @@ class ParallelContext:
     @classmethod
     def open(cls, lm: LoadedModel, settings: LoadSettings, n_seq: int, cells: int, kv_type: str) -> "ParallelContext":
         """A context of ``n_seq`` sequences with ``cells`` KV cells each, batching like the main one."""
-        lc = llama_cpp_lib()
+        lc = llama.lib()
         p = lc.llama_context_default_params()
         n_batch = chunk_size(settings)
         n_ctx = max(n_seq * cells, n_batch)
@@ -76,10 +79,10 @@ class ParallelContext:
         p.kv_unified = False  # a stream per sequence: see the module docstring
         p.n_threads = settings.threads
         p.n_threads_batch = settings.threads
-        p.type_k = GGML_TYPES[kv_type]
-        p.type_v = GGML_TYPES[kv_type]
+        p.type_k = llama.GGML_TYPES[kv_type]
+        p.type_v = llama.GGML_TYPES[kv_type]
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        ctx = lc.llama_init_from_model(lm.llm._model.model, p)
+        ctx = lc.llama_init_from_model(llama.model_ptr(lm.llm), p)
         if not ctx:
             raise EdgeFSLMError(
                 f"{lm.model.path}: llama.cpp could not create a {n_seq}-sequence context of {cells} tokens each"
@@ -100,41 +103,8 @@ class ParallelContext:
 
     def close(self) -> None:
         if self.ctx is not None:
-            llama_cpp_lib().llama_free(self.ctx)
+            llama.lib().llama_free(self.ctx)
             self.ctx = None
-
-
-class _Batch:
-    """A ``llama_batch`` filled token by token and decoded in one call; ``add`` returns the
-    token's index, which is where its logits are read after the decode."""
-
-    def __init__(self, capacity: int, n_seq: int):
-        lc = llama_cpp_lib()
-        self.lc = lc
-        self.capacity = capacity
-        self.b = lc.llama_batch_init(capacity, 0, n_seq)
-        self.n = 0
-
-    def add(self, token: int, pos: int, seqs: tuple[int, ...], logits: bool) -> int:
-        b, i = self.b, self.n
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = len(seqs)
-        for k, s in enumerate(seqs):
-            b.seq_id[i][k] = s
-        b.logits[i] = logits
-        self.n += 1
-        return i
-
-    def decode(self, ctx: Any) -> None:
-        self.b.n_tokens = self.n
-        rc = self.lc.llama_decode(ctx, self.b)
-        self.n = 0
-        if rc != 0:
-            raise EdgeFSLMError(f"llama_decode failed with code {rc} in a parallel batch — lower parallel")
-
-    def close(self) -> None:
-        self.lc.llama_batch_free(self.b)
 
 
 def generate_group(
@@ -164,7 +134,7 @@ def generate_group(
     seconds are its own span, from entering a slot to its last token, shared with the
     prompts it ran beside.
     """
-    lc = llama_cpp_lib()
+    lc = llama.lib()
     lm = pctx.lm
     llm = lm.llm
     width = pctx.n_seq - 1  # the last sequence holds the shared prefix
@@ -173,7 +143,7 @@ def generate_group(
     mem = lc.llama_get_memory(pctx.ctx)
     lc.llama_memory_clear(mem, False)
     outs = [Generation(prompt_tokens=len(t), cached_prompt_tokens=prefix) for t in token_lists]
-    batch = _Batch(pctx.n_batch, pctx.n_seq)
+    batch = llama.Batch(pctx.n_batch, pctx.n_seq)
     queue = list(range(len(token_lists)))
     queue.reverse()  # pop() takes them in order
     slots: dict[int, _Slot] = {}  # sequence id -> the prompt in it
@@ -186,8 +156,8 @@ def generate_group(
         llm.set_seed(seed)  # _init_sampler seeds from the Llama, as Llama.generate does
         # one sampler chain per prompt for its whole generation, as Llama.generate keeps one:
         # its repeat-penalty history and random state carry from token to token
-        sampler = llm._init_sampler(temp=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                                    repeat_penalty=s.repeat_penalty)
+        sampler = llama.sampler_chain(llm, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                      min_p=s.min_p, repeat_penalty=s.repeat_penalty)
         slot = _Slot(k, TokenCollector(lm, stage), sampler, pos=len(token_lists[k]), t0=time.perf_counter())
         slots[seq] = slot
         lc.llama_memory_seq_rm(mem, seq, -1, -1)
@@ -198,7 +168,7 @@ def generate_group(
             end = min(start + chunk, len(toks))
             for p in range(start, end):
                 idx = batch.add(toks[p], p, (seq,), p == len(toks) - 1)
-            batch.decode(pctx.ctx)
+            batch.decode(pctx.ctx, PARALLEL_HINT)
         sample(slot, idx)
         slot.t_first = time.perf_counter()
 
@@ -238,7 +208,7 @@ def generate_group(
         for start in range(0, prefix, chunk):  # the shared prefix, kept in its own sequence
             for p in range(start, min(start + chunk, prefix)):
                 batch.add(token_lists[0][p], p, (keep,), False)
-            batch.decode(pctx.ctx)
+            batch.decode(pctx.ctx, PARALLEL_HINT)
         while True:
             # refill every free slot before the next step: llama.cpp splits a step whose sequence
             # ids are not consecutive into several ubatches, which costs nearly a decode each
@@ -255,7 +225,7 @@ def generate_group(
                 slot = slots[seq]
                 waiting[seq] = batch.add(slot.token, slot.pos, (seq,), True)
                 slot.pos += 1
-            batch.decode(pctx.ctx)
+            batch.decode(pctx.ctx, PARALLEL_HINT)
             for seq, idx in waiting.items():
                 sample(slots[seq], idx)
                 took(seq)

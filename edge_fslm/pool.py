@@ -5,8 +5,8 @@ This is the heart of the runtime. Stages that name the same base GGUF share one
 with ``llama_adapter_lora_init`` and made active with ``llama_set_adapters_lora``,
 which replaces the whole active set in well under a millisecond. The high-level
 ``Llama`` class cannot switch adapters (llama-cpp-python issue 1302), so we keep
-``Llama`` for loading, tokenizing and sampling and reach its raw handles
-(``llm._model.model``, ``llm._ctx.ctx``) for the adapter calls.
+``Llama`` for loading, tokenizing and sampling and make the adapter calls on its raw
+handles through :mod:`edge_fslm.llama`.
 
 Invariants the pipeline relies on:
 
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import llama
 from .errors import EdgeFSLMError, GGUFError
 from .gguf_info import GGUFInfo
 
@@ -99,40 +100,6 @@ class PoolCounters:
         return PoolCounters(**{k: getattr(self, k) - getattr(before, k) for k in self.__dict__})
 
 
-_LOG = {"verbose": False, "callback": None}
-GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids, as llama.cpp's --cache-type-k/-v take them
-
-
-def llama_cpp_lib():
-    """The ``llama_cpp`` module, imported once with edge-fslm's log routing: the one way in.
-
-    Modules that need llama.cpp's low-level API (scoring, parallel decoding) call this
-    instead of importing ``llama_cpp`` themselves, so the log stays quiet and the backtrace
-    guard is set before the library loads.
-    """
-    # On an abort, ggml forks gdb for a backtrace; an orphaned gdb can hang the caller's pipeline.
-    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
-    import llama_cpp  # deferred: importing it costs ~0.1 s and `inspect`/`plan` never need it
-
-    if _LOG["callback"] is None:
-        # llama-cpp-python's own callback lets some warnings through even with verbose=False;
-        # ours prints llama.cpp's log only under -v, so a normal run's stderr stays clean.
-        @llama_cpp.llama_log_callback
-        def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if _LOG["verbose"]:
-                sys.stderr.write(text.decode("utf-8", errors="replace"))
-                sys.stderr.flush()
-
-        _LOG["callback"] = _log  # keep a reference: llama.cpp holds a raw pointer to it
-        llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
-    return llama_cpp
-
-
-def set_verbose(verbose: bool) -> None:
-    """Show (or hide) llama.cpp's own log for this process."""
-    _LOG["verbose"] = verbose
-
-
 def malloc_trim() -> None:
     """Return freed heap pages to the OS (glibc only) so RSS drops after an eviction."""
     if sys.platform.startswith("linux"):
@@ -157,23 +124,24 @@ class LoadedModel:
 
     @property
     def vocab(self) -> Any:
-        return llama_cpp_lib().llama_model_get_vocab(self.llm._model.model)
+        return llama.vocab(self.llm)
+
+    @property
+    def ctx(self) -> Any:
+        """The ``llama_context*`` of the model's own (single-sequence) context."""
+        return llama.context_ptr(self.llm)
 
     def clear_kv(self) -> None:
         """Forget every evaluated token, so the next stage starts from an empty cache."""
-        lc = llama_cpp_lib()
         self.llm.reset()
-        mem = lc.llama_get_memory(self.llm._ctx.ctx)
-        if mem is not None:
-            lc.llama_memory_clear(mem, False)  # cells marked empty; zeroing 47 MB of KV data buys nothing
+        llama.clear_memory(self.ctx)
 
     def _adapter_handle(self, adapter: ResolvedAdapter, counters: PoolCounters) -> Any:
         key = str(adapter.path)
         handle = self.adapters.get(key)
         if handle is None:
-            lc = llama_cpp_lib()
-            handle = lc.llama_adapter_lora_init(self.llm._model.model, key.encode())
-            if not handle:
+            handle = llama.load_adapter(self.llm, key)
+            if handle is None:
                 raise GGUFError(
                     f"{adapter.path}: llama.cpp refused this LoRA adapter for base {self.model.path.name}"
                     " — rebuild it with `edge-fslm convert-lora` against this base (run with -v for llama.cpp's reason)"
@@ -185,14 +153,10 @@ class LoadedModel:
     def set_adapter_on(self, ctx: Any, adapter: ResolvedAdapter | None, counters: PoolCounters) -> None:
         """Make ``adapter`` (or none) the active set of ``ctx``, a context of this model.
         Adapter handles belong to the model, so every context of it can share them."""
-        lc = llama_cpp_lib()
         if adapter is None:
-            rc = lc.llama_set_adapters_lora(ctx, None, 0, None)
+            rc = llama.set_adapter(ctx, None, 1.0)
         else:
-            handle = self._adapter_handle(adapter, counters)
-            arr = (lc.llama_adapter_lora_p_ctypes * 1)(handle)
-            scales = (ctypes.c_float * 1)(adapter.scale)
-            rc = lc.llama_set_adapters_lora(ctx, arr, 1, scales)
+            rc = llama.set_adapter(ctx, self._adapter_handle(adapter, counters), adapter.scale)
         if rc != 0:
             name = adapter.path if adapter else "(none)"
             raise EdgeFSLMError(f"{name}: llama.cpp could not set the adapter (code {rc}) — run with -v for details")
@@ -203,7 +167,7 @@ class LoadedModel:
         if want == self.active:
             return False
         t0 = time.perf_counter()
-        self.set_adapter_on(self.llm._ctx.ctx, adapter, counters)
+        self.set_adapter_on(self.ctx, adapter, counters)
         self.active = want
         self.clear_kv()  # cached tokens were computed under the previous adapter set
         counters.adapter_swaps += 1
@@ -256,13 +220,13 @@ class ModelPool:
         return lm
 
     def _load(self, model: ResolvedModel) -> LoadedModel:
-        llama_cpp_lib()
+        llama.lib()
         from llama_cpp import Llama
 
         from .memory import effective_kv_type
 
         s = self.settings
-        set_verbose(s.verbose)
+        llama.set_verbose(s.verbose)
         kv_type = effective_kv_type(model.info, s.kv_cache_type)
         t0 = time.perf_counter()
         try:
@@ -272,8 +236,8 @@ class ModelPool:
                 n_batch=min(s.batch_size, s.ctx_size),
                 n_ubatch=min(s.batch_size, s.ctx_size),
                 flash_attn=s.flash_attn,
-                type_k=GGML_TYPES[kv_type],
-                type_v=GGML_TYPES[kv_type],
+                type_k=llama.GGML_TYPES[kv_type],
+                type_v=llama.GGML_TYPES[kv_type],
                 n_threads=s.threads,
                 n_threads_batch=s.threads,
                 n_gpu_layers=s.gpu_layers,

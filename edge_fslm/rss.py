@@ -116,9 +116,9 @@ class RssSampler:
 def machine_info() -> dict:
     """The machine a measurement was taken on: CPU, cores, RAM, versions, llama.cpp's build."""
     try:
-        import llama_cpp
+        from .llama import system_info as _system_info
 
-        system_info = llama_cpp.llama_print_system_info().decode().strip()
+        system_info = _system_info()
     except Exception as exc:  # a record should be written even without llama.cpp
         system_info = f"unavailable ({exc})"
     cpu = platform.processor() or platform.machine()

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from . import llama
 from .errors import GGUFError, ManifestError, PromptError
 from .manifest import StageSpec
 from .pool import LoadedModel
@@ -44,9 +45,8 @@ def _formatter(lm: LoadedModel, stage: StageSpec):
                 f"stage '{stage.name}' uses chat messages but model '{lm.model.id}' ({lm.model.path.name})"
                 " has no chat template — use `template = \"...\"` for a raw prompt"
             )
-        m = lm.llm._model
-        eos = m.token_get_text(lm.llm.token_eos()) if lm.llm.token_eos() >= 0 else ""
-        bos = m.token_get_text(lm.llm.token_bos()) if lm.llm.token_bos() >= 0 else ""
+        eos = llama.token_text(lm.llm, lm.llm.token_eos()) if lm.llm.token_eos() >= 0 else ""
+        bos = llama.token_text(lm.llm, lm.llm.token_bos()) if lm.llm.token_bos() >= 0 else ""
         try:
             fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
         except Exception as exc:  # jinja2 syntax errors in a file we did not write
@@ -76,9 +76,7 @@ def tokenize(lm: LoadedModel, text: str) -> list[int]:
 
 def _tokens(lm: LoadedModel, segments: list[tuple[str, bool]]) -> list[int]:
     """Tokenize (text, parse_special) segments in order; BOS goes before the first, once."""
-    import llama_cpp
-
-    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(lm.vocab))
+    add_bos = bool(llama.lib().llama_vocab_get_add_bos(lm.vocab))
     tokens: list[int] = []
     for text, special in segments:
         if text:
@@ -124,13 +122,12 @@ def max_token_bytes(lm: LoadedModel) -> int:
     """The longest piece (in UTF-8 bytes) of any token in the model's vocabulary, read once per model."""
     n = getattr(lm, "_edge_max_token_bytes", None)
     if n is None:
-        import llama_cpp
-
+        lc = llama.lib()
         vocab = lm.vocab
         buf = (ctypes.c_char * 512)()
         n = 1
-        for tok in range(llama_cpp.llama_vocab_n_tokens(vocab)):
-            size = llama_cpp.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
+        for tok in range(lc.llama_vocab_n_tokens(vocab)):
+            size = lc.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
             n = max(n, abs(size))
         lm._edge_max_token_bytes = n  # type: ignore[attr-defined]
     return n
@@ -266,9 +263,7 @@ class TokenCollector:
 
     def feed(self, tok: int) -> str:
         """Take one sampled token; return the text that is now safe to emit."""
-        import llama_cpp
-
-        if llama_cpp.llama_vocab_is_eog(self.lm.vocab, tok):
+        if llama.lib().llama_vocab_is_eog(self.lm.vocab, tok):
             self.stop_reason, self.done = "eos", True
             return ""
         self.n += 1
@@ -361,33 +356,26 @@ def _restore_or_build_prefix(lm: LoadedModel, stage: StageSpec, tokens: list[int
     Returns how many prompt tokens are already evaluated. The cache is keyed by the active
     adapter too: a prefix computed under one adapter is wrong under another.
     """
-    import ctypes
-
-    import llama_cpp
-
     llm = lm.llm
     lm.clear_kv()
     if not lm.prefix_cache_enabled:
         return 0
     key = prefix_key(lm, stage, lm.active)
     entry = lm.prefix_cache.get(key)
-    ctx = llm._ctx.ctx
     if entry is None:
         n = fresh_prefix_split(lm, stage, tokens)
         if not n:
             lm.prefix_cache[key] = PrefixState(tokens=[], state=None, n_bytes=0)  # not worth it; do not retry
             return 0
         llm.eval(tokens[:n])
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        buf, written = llama.save_sequence(lm.ctx)
         if written:
             lm.prefix_cache[key] = PrefixState(tokens=list(tokens[:n]), state=buf, n_bytes=written)
         return n
     n = len(entry.tokens)
     if not n or n >= len(tokens) or tokens[:n] != entry.tokens:
         return 0
-    if not llama_cpp.llama_state_seq_set_data(ctx, entry.state, entry.n_bytes, 0):
+    if not llama.restore_sequence(lm.ctx, entry.state, entry.n_bytes):
         lm.clear_kv()
         return 0
     llm.input_ids[:n] = entry.tokens

@@ -11,13 +11,13 @@ choices cost one context evaluation. Log-softmax runs in float64 with numpy.
 
 from __future__ import annotations
 
-import ctypes
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import EdgeFSLMError, PromptError
-from ..pool import LoadedModel, llama_cpp_lib
+from .. import llama
+from ..errors import PromptError
+from ..pool import LoadedModel
 
 # Continuation tokens per decode call. It bounds memory (llama.cpp's logits buffer holds this many
 # rows of n_vocab floats) and keeps scores independent of batching: llama.cpp's CPU flash-attention
@@ -34,7 +34,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def encode(lm: LoadedModel, text: str, *, bos: bool = False) -> list[int]:
     """Tokenize data text (never parsing special tokens in it), with BOS only if asked and the model wants it."""
-    add_bos = bos and bool(llama_cpp_lib().llama_vocab_get_add_bos(lm.vocab))
+    add_bos = bos and bool(llama.lib().llama_vocab_get_add_bos(lm.vocab))
     return lm.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
 
 
@@ -53,38 +53,12 @@ def encode_pair(lm: LoadedModel, context: str, continuation: str) -> tuple[list[
     return context_tokens, whole[len(context_tokens):]
 
 
-class _Batch:
-    """A llama_batch for one sequence, freed on exit."""
-
-    def __init__(self, capacity: int):
-        self.lc = llama_cpp_lib()
-        self.capacity = capacity
-        self.batch = self.lc.llama_batch_init(capacity, 0, 1)
-
-    def __enter__(self) -> "_Batch":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.lc.llama_batch_free(self.batch)
-
-    def decode(self, ctx: ctypes.c_void_p, tokens: Sequence[int], start: int, logits: str) -> None:
-        """Decode ``tokens`` at positions ``start...``; logits for "last" token only or "all"."""
-        b = self.batch
-        n = len(tokens)
-        assert 0 < n <= self.capacity
-        b.n_tokens = n
-        for i, tok in enumerate(tokens):
-            b.token[i] = tok
-            b.pos[i] = start + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = logits == "all" or i == n - 1
-        rc = self.lc.llama_decode(ctx, b)
-        if rc != 0:
-            raise EdgeFSLMError(
-                f"llama.cpp could not decode {n} tokens at position {start} (code {rc}) — raise ctx_size,"
-                " or run with -v for llama.cpp's log"
-            )
+def _decode_run(batch: llama.Batch, ctx, tokens: Sequence[int], start: int, logits: str) -> None:
+    """Decode ``tokens`` of sequence 0 at positions ``start...``; logits for the "last" token only or "all"."""
+    n = len(tokens)
+    for i, tok in enumerate(tokens):
+        batch.add(tok, start + i, (0,), logits == "all" or i == n - 1)
+    batch.decode(ctx, f"on {n} tokens at position {start} — raise ctx_size, or run with -v for llama.cpp's log")
 
 
 def _rows(lc, ctx, n: int, n_vocab: int) -> np.ndarray:
@@ -112,8 +86,8 @@ def loglikelihood(
     context tokens from the left (as lm-evaluation-harness does); otherwise it is an error.
     The KV cache is empty afterwards, as every stage expects.
     """
-    lc = llama_cpp_lib()
-    ctx = lm.llm._ctx.ctx
+    lc = llama.lib()
+    ctx = lm.ctx
     # llama.cpp may round the context up (flash attention pads it); the size asked for is the limit
     n_ctx = min(lc.llama_n_ctx(ctx), lm.llm.context_params.n_ctx or lc.llama_n_ctx(ctx))
     n_batch = lc.llama_n_batch(ctx)
@@ -136,11 +110,11 @@ def loglikelihood(
     results: list[tuple[float, bool]] = []
     lm.clear_kv()
     try:
-        with _Batch(max(1, min(n_batch, n_ctx))) as batch:
+        with llama.Batch(max(1, min(n_batch, n_ctx))) as batch:
 
             def eval_context() -> np.ndarray:
                 for i in range(0, n, batch.capacity):
-                    batch.decode(ctx, context[i : i + batch.capacity], i, "last")
+                    _decode_run(batch, ctx, context[i : i + batch.capacity], i, "last")
                 return _rows(lc, ctx, 1, n_vocab).astype(np.float64)
 
             last = eval_context()
@@ -152,7 +126,7 @@ def loglikelihood(
                 step = min(LOGIT_CHUNK, batch.capacity)
                 for i in range(0, len(cont) - 1, step):  # a chunk's logits predict the chunk shifted by one
                     chunk = cont[i : min(i + step, len(cont) - 1)]
-                    batch.decode(ctx, chunk, n + i, "all")
+                    _decode_run(batch, ctx, chunk, n + i, "all")
                     s, g = _score(_rows(lc, ctx, len(chunk), n_vocab), cont[i + 1 : i + 1 + len(chunk)])
                     total, greedy = total + s, greedy and g
                 results.append((total, greedy))
