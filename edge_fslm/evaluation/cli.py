@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import click
+
+from ..progress import ProgressBar
 
 
 def _options(f):
@@ -35,27 +35,6 @@ def _options(f):
     for opt in reversed(opts):
         f = opt(f)
     return f
-
-
-@contextmanager
-def _progress(label: str) -> Iterator:
-    """A (done, total) callback drawing a progress bar with ETA on stderr, when stderr is a terminal."""
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if not sys.stderr.isatty():
-            return
-        if bar is None:
-            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True, show_pos=True)
-            bar.__enter__()
-        bar.update(done - bar.pos)
-
-    try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
 
 
 def _emit(report, output: str | None, as_json: bool) -> None:
@@ -85,7 +64,7 @@ def arc(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_js
     """
     from .evaluate import evaluate_arc
 
-    with _progress("arc") as progress:
+    with ProgressBar("arc") as progress:
         report = evaluate_arc(stack, data, limit=limit, single=single, threads=threads, ctx_size=ctx_size,
                               max_tokens=max_tokens, progress=progress, verbose=verbose)
     _emit(report, output, as_json)
@@ -99,7 +78,7 @@ def instruct(stack, data, limit, single, threads, ctx_size, max_tokens, output, 
     """Answer Alpaca instructions and score them: exact match, ROUGE-1, ROUGE-L, Levenshtein similarity."""
     from .evaluate import evaluate_instruct
 
-    with _progress("instruct") as progress:
+    with ProgressBar("instruct") as progress:
         report = evaluate_instruct(stack, data, split=split, limit=limit, single=single, threads=threads,
                                    ctx_size=ctx_size, max_tokens=max_tokens, progress=progress, verbose=verbose)
     _emit(report, output, as_json)

@@ -7,34 +7,7 @@ from pathlib import Path
 
 import click
 
-
-class _Progress:
-    """A click progress bar for (done, total) callbacks, created at the first call so a resume starts mid-way."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.bar = None
-        self.last = 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is False:
-            return
-        if self.bar is None:
-            label = self.label + (f" (resuming at {done}/{total})" if done else "")
-            self.bar = click.progressbar(length=total - done, label=label, show_eta=True, show_pos=True,
-                                          file=click.get_text_stream("stderr"))  # stdout stays clean for --json
-            self.bar.__enter__()
-            self.last = done
-            return
-        self.bar.update(done - self.last)
-        self.last = done
-        if done >= total:
-            self.close()
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.__exit__(None, None, None)
-            self.bar = False  # closed: later calls do nothing
+from ..progress import ProgressBar
 
 
 def _log(line: str) -> None:
@@ -63,7 +36,7 @@ def distill(stack, data, teacher, out_dir, limit, split, threads, parallel, as_j
     """
     from .distill import distill as run_distill
 
-    bar = _Progress("distilling")
+    bar = ProgressBar("distilling")
     try:
         report = run_distill(stack, [(p, limit) for p in data], teacher, out_dir, split=split, threads=threads,
                              parallel=parallel, progress=None if as_json else bar)
@@ -130,7 +103,7 @@ def train_recipe(recipe, data_dir, out_dir, threads):
     """
     from .recipe import run_recipe
 
-    bar = _Progress("distilling")
+    bar = ProgressBar("distilling")
     try:
         report = run_recipe(recipe, data_dir, out_dir, threads=threads, progress=bar, log=_log)
     finally:
