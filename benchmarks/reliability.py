@@ -135,7 +135,7 @@ def run_fuzz(scale: float, workdir: Path) -> dict:
 
 def run_soak(n_runs: int, workdir: Path) -> dict:
     from edge_fslm import Stack
-    from edge_fslm.api import prepare_stack
+    from edge_fslm.plan import prepare_stack
     from edge_fslm.rss import current_rss
 
     user = workdir / "two-stage.toml"

@@ -23,11 +23,12 @@ from typing import Callable, Iterator
 
 import psutil
 
-from . import gguf_info, sources
-from .errors import SourceError
-from .manifest import Manifest, StageSpec, load_stack
-from .memory import Footprint, Plan, StageRow, footprint, parse_budget, plan_residency, process_baseline, require_fit
+from .manifest import Manifest, StageSpec
+from .memory import Plan, require_fit
 from .pipeline import FinalStageSettings, Pipeline, RunResult, StageTrace, TextCallback
+from .plan import (  # noqa: F401  (the planning steps were public here first)
+    ResidencyUnit, make_plan, prepare_stack, residency_units, resolve_adapters, resolve_models,
+)
 from .pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel
 from .rss import RssSampler
 
@@ -35,147 +36,6 @@ from .rss import RssSampler
 def default_threads() -> int:
     """One thread per physical core: llama.cpp gains nothing from hyper-threads."""
     return max(1, psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
-
-
-def _with_field(manifest: Manifest, field: str, resolve):
-    """Run ``resolve``; a SourceError gains the manifest and field it came from."""
-    try:
-        return resolve()
-    except SourceError as exc:
-        where = manifest.path or f"<built-in {manifest.name}>"
-        raise SourceError(f"{where}: {field}: {exc}") from None
-
-
-def resolve_models(manifest: Manifest, *, offline: bool | None = None) -> dict[str, ResolvedModel]:
-    """Find, hash-check and validate every model the stack's stages use."""
-    used = {s.model for s in manifest.stages}
-    out: dict[str, ResolvedModel] = {}
-    for mid in sorted(used):
-        spec = manifest.models[mid]
-        path = _with_field(manifest, f"models.{mid}.source", lambda: sources.resolve(
-            spec.source,
-            base_dir=manifest.base_dir,
-            sha256=spec.sha256,
-            offline=offline,
-            allow_absolute=manifest.trusted,
-        ))
-        out[mid] = ResolvedModel(id=mid, path=Path(path), info=gguf_info.validate_model(path))
-    return out
-
-
-def resolve_adapters(
-    manifest: Manifest, models: dict[str, ResolvedModel], *, offline: bool | None = None
-) -> dict[str, ResolvedAdapter]:
-    """Find and validate each stage's LoRA adapter against the base it will run on."""
-    out: dict[str, ResolvedAdapter] = {}
-    for stage in manifest.stages:
-        if stage.adapter is None:
-            continue
-        path = _with_field(manifest, f"stage {stage.name}: adapter", lambda: sources.resolve(
-            stage.adapter.source,
-            base_dir=manifest.base_dir,
-            sha256=stage.adapter.sha256,
-            offline=offline,
-            allow_absolute=manifest.trusted,
-        ))
-        info = gguf_info.validate_adapter(path, models[stage.model].info)
-        out[stage.name] = ResolvedAdapter(path=Path(path), info=info, scale=stage.adapter.scale)
-    return out
-
-
-@dataclass
-class ResidencyUnit:
-    """One base model file and everything that rides on it: its adapters and saved prompt prefixes."""
-
-    model: ResolvedModel
-    adapters: dict[str, gguf_info.GGUFInfo]  # adapter path -> info
-    prefix_tokens: int
-
-    def footprint(self, rt) -> "Footprint":
-        return footprint(self.model.id, self.model.info, ctx_size=rt.ctx_size, batch_size=rt.batch_size,
-                         adapters=list(self.adapters.values()), prefix_tokens=self.prefix_tokens,
-                         kv_cache_type=rt.kv_cache_type)
-
-    def merged(self, other: "ResidencyUnit") -> "ResidencyUnit":
-        """The same file used by another stack: loaded once, carrying both stacks' adapters."""
-        return ResidencyUnit(self.model, {**self.adapters, **other.adapters}, self.prefix_tokens + other.prefix_tokens)
-
-
-def residency_units(
-    manifest: Manifest, models: dict[str, ResolvedModel], adapters: dict[str, ResolvedAdapter]
-) -> dict[str, ResidencyUnit]:
-    """Stages that name the same model file form one unit: the base loads once for all of them."""
-    by_key: dict[str, list[str]] = {}
-    for stage in manifest.stages:
-        by_key.setdefault(models[stage.model].key, []).append(stage.name)
-    units = {}
-    for key, stage_names in by_key.items():
-        model = next(m for m in models.values() if m.key == key)
-        infos = {str(adapters[n].path): adapters[n].info for n in stage_names if n in adapters}
-        # one saved prefix per (stage, adapter); at least 1 token per 3 characters, plus chat markup
-        prefix_tokens = (sum(manifest.stage(n).static_prefix_chars // 3 + 16 for n in stage_names)
-                         if manifest.runtime.prefix_cache else 0)
-        units[key] = ResidencyUnit(model, infos, prefix_tokens)
-    return units
-
-
-def make_plan(
-    manifest: Manifest,
-    models: dict[str, ResolvedModel],
-    adapters: dict[str, ResolvedAdapter],
-    *,
-    budget: int | None,
-    policy: str = "auto",
-    baseline: int | None = None,
-) -> Plan:
-    """Predict each base model's footprint from GGUF metadata and choose a residency policy.
-
-    Stages that name the same model file form one residency unit: the base is loaded once
-    and carries every adapter its stages use.
-    """
-    rt = manifest.runtime
-    units = {key: unit.footprint(rt) for key, unit in residency_units(manifest, models, adapters).items()}
-    rows = [StageRow(stage=s.name, model=models[s.model].key,
-                     adapter=adapters[s.name].path.name if s.name in adapters else None) for s in manifest.stages]
-    shared = len(units) == 1
-    plan = plan_residency(
-        stack=manifest.name, units=units, stages=rows, shared=shared, ctx_size=rt.ctx_size,
-        batch_size=rt.batch_size, budget=budget, baseline=process_baseline() if baseline is None else baseline,
-        policy=policy,
-    )
-    # show model ids, not file paths, to people
-    names = {m.key: m.id for m in models.values()}
-    plan.footprints = {names[k]: v for k, v in plan.footprints.items()}
-    for r in plan.stages:
-        r.model = names[r.model]
-    return plan
-
-
-def prepare_stack(
-    stack: str | Path | Manifest,
-    *,
-    budget: str | int | None = None,
-    policy: str | None = None,
-    offline: bool | None = None,
-    strict: bool = False,
-    **runtime: object,
-) -> tuple[Manifest, dict[str, ResolvedModel], dict[str, ResolvedAdapter], Plan]:
-    """Everything up to loading: manifest, overrides, resolved files, and the residency plan.
-
-    ``strict`` refuses hf:// models and adapters not pinned to a commit and a sha256.
-    """
-    manifest = stack if isinstance(stack, Manifest) else load_stack(stack)
-    if strict:
-        sources.check_strict(manifest)
-    stage_overrides = {k: runtime.pop(k) for k in ("max_tokens", "temperature") if k in runtime}
-    manifest = manifest.with_runtime(**runtime)
-    manifest = manifest.with_stage_overrides(**stage_overrides)
-    models = resolve_models(manifest, offline=offline)
-    adapters = resolve_adapters(manifest, models, offline=offline)
-    wanted_budget = parse_budget(budget if budget is not None else manifest.runtime.budget)
-    wanted_policy = policy or manifest.runtime.policy
-    plan = make_plan(manifest, models, adapters, budget=wanted_budget, policy=wanted_policy)
-    return manifest, models, adapters, plan
 
 
 @dataclass
@@ -287,6 +147,24 @@ class Stack:
             batch_size=batch_size, gpu_layers=gpu_layers, mmap=mmap, seed=seed, max_tokens=max_tokens,
             temperature=temperature,
         )
+        return cls.from_prepared(manifest, models, adapters, plan, verbose=verbose, measure_rss=measure_rss,
+                                 preload=preload, pool=pool)
+
+    @classmethod
+    def from_prepared(
+        cls,
+        manifest: Manifest,
+        models: dict[str, ResolvedModel],
+        adapters: dict[str, ResolvedAdapter],
+        plan: Plan,
+        *,
+        verbose: bool = False,
+        measure_rss: bool = True,
+        preload: bool = True,
+        pool: ModelPool | None = None,
+    ) -> "Stack":
+        """A Stack from what :func:`prepare_stack` returned, without resolving its files again
+        (the server prepares every stack at start and loads each on its first request)."""
         require_fit(plan)
         rt = manifest.runtime
         settings = LoadSettings(

@@ -46,7 +46,6 @@ MODEL_OVERHEAD = int(14.7 * MiB)
 OVERHEAD_PER_VOCAB = 216  # bytes per vocabulary entry
 COMPUTE_PER_UBATCH_DIM = 14  # bytes per n_ubatch × (n_embd + n_ff), touched by a full micro-batch
 LLAMA_CPP_IMPORT = 9 * MiB  # what `import llama_cpp` adds to a process that has not done it
-POLICIES = ("all", "lru", "sequential", "shared-base")
 
 
 def parse_budget(text: str | int | None, *, available: int | None = None) -> int | None:

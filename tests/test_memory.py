@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_fslm import Stack
-from edge_fslm.api import prepare_stack
+from edge_fslm.plan import prepare_stack
 from edge_fslm.cli import main
 from edge_fslm.testing import write_random_lora
 from edge_fslm.errors import BudgetError, GGUFError
