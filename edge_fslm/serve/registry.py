@@ -13,11 +13,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..api import ResidencyUnit, Stack, default_threads, prepare_stack, residency_units
+from ..api import Stack, default_threads
+from ..plan import ResidencyUnit, prepare_stack, residency_units
 from ..errors import EdgeFSLMError
 from ..manifest import Manifest
 from ..memory import Plan, StageRow, parse_budget, plan_residency, process_baseline, require_fit
-from ..pool import LoadSettings, ModelPool
+from ..pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel
 
 
 class UnknownModel(EdgeFSLMError):
@@ -31,6 +32,8 @@ class ServedStack:
     name: str
     ref: str
     manifest: Manifest
+    models: dict[str, ResolvedModel]
+    adapters: dict[str, ResolvedAdapter]
     plan: Plan
     stack: Stack | None = None
 
@@ -68,7 +71,8 @@ class Registry:
             if manifest.name in served:
                 raise EdgeFSLMError(f"{ref}: a stack named '{manifest.name}' is already served — serve each stack once")
             first_rt = first_rt or manifest.runtime
-            served[manifest.name] = ServedStack(name=manifest.name, ref=str(ref), manifest=manifest, plan=plan)
+            served[manifest.name] = ServedStack(name=manifest.name, ref=str(ref), manifest=manifest, models=models,
+                                                adapters=adapters, plan=plan)
             for key, unit in residency_units(manifest, models, adapters).items():
                 units[key] = units[key].merged(unit) if key in units else unit
             rows += [StageRow(stage=f"{manifest.name}/{r.stage}", model=r.model, adapter=r.adapter) for r in plan.stages]
@@ -100,7 +104,9 @@ class Registry:
             raise UnknownModel(f"model '{name}' is not served here — GET /v1/models lists: {', '.join(self.stacks)}")
         with self._load_lock:
             if served.stack is None:
-                served.stack = Stack.load(served.manifest, budget=self.budget, pool=self.pool, preload=False)
+                # resolved and planned at start: loading it now touches no file but the weights
+                served.stack = Stack.from_prepared(served.manifest, served.models, served.adapters, served.plan,
+                                                   pool=self.pool, preload=False)
             return served.stack
 
     def preload(self) -> None:

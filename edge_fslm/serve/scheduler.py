@@ -272,7 +272,7 @@ class Scheduler:
                     pipeline.finish_stage_group(
                         i, [values[k] for k in todo], width=self.parallel, on_trace=on_trace, on_error=on_error,
                         final=jobs[0].final if i == last else None,
-                        spare_bytes=self._spare_bytes(stack),
+                        spare_bytes=self._spare_bytes(),
                     )
                 spent = pipeline.pool.counters.since(counters)
             pipeline.pool.close_parallel()
@@ -297,7 +297,8 @@ class Scheduler:
             result.peak_rss_bytes = peak
             self._finish(job, result, None)
 
-    def _spare_bytes(self, stack) -> int | None:
+    def _spare_bytes(self) -> int | None:
+        """What the server's budget leaves beyond the plan of every stack it serves (None: no budget)."""
         plan = self.registry.plan
         if self.registry.budget is None:
             return None
