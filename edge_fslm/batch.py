@@ -106,7 +106,7 @@ _RESULT_KEYS = ("id", "answer", "stack")
 _STATE_KEYS = ("id", "stage", "stack", "trace")
 
 
-def _check_paths(input_path: Path, out: Path) -> None:
+def check_paths(input_path: Path, out: Path) -> None:
     """Refuse an output that would overwrite the input or cannot be created, before any work."""
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
@@ -141,7 +141,7 @@ def run_batch(
     items = read_inputs(input_path)
     out = Path(output_path)
     state = out.with_name(out.name + ".state.jsonl")
-    _check_paths(Path(input_path), out)
+    check_paths(Path(input_path), out)
     for path, what in ((out, "batch results"), (state, "batch state")):
         regular_file(path, what)  # before opening: opening a FIFO to write blocks
     results = Appender(out)  # the lock is taken first, so only one run reads and cuts these files

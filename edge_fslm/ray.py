@@ -23,13 +23,15 @@ in the workers' environment, or a pre-filled Hugging Face cache.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .batch import BatchItem, _check_paths, read_inputs, run_items
+from .batch import BatchItem, check_paths, read_inputs, run_items
 from .errors import EdgeFSLMError
 from .jsonl import Appender, read_records, regular_file
 
@@ -191,10 +193,12 @@ def run_batch_on_ray(
     _host_port(address)
     items = read_inputs(input_path)
     out = Path(output_path)
-    _check_paths(Path(input_path), out)
+    check_paths(Path(input_path), out)
     regular_file(out, "batch results")
     shards_dir = out.with_name(out.name + ".shards")
+    fresh = not out.exists() and not shards_dir.exists()
     results = Appender(out)  # the lock: one driver per output
+    ok = False
     try:
         done = {str(r.get("id")) for r in read_records(out, _RESULT_KEYS, "batch results")}
         t0 = time.perf_counter()
@@ -248,8 +252,20 @@ def run_batch_on_ray(
             for path in shards_dir.glob("shard-*.jsonl"):
                 path.unlink()
             shards_dir.rmdir()
+        ok = True
         return RayReport(total=len(items), already_done=len(items) - completed - len(failed), completed=completed,
                          shards=len(shards), shards_resumed=len(on_disk), actors=n_actors,
                          seconds=time.perf_counter() - t0, output=str(out), failed=list(failed.values()))
     finally:
+        if not ok and fresh:  # a run that failed before any result (no cluster, say) leaves nothing behind;
+            _remove_if_empty(out, shards_dir)  # still under the lock, so no other driver holds the file
         results.close()
+
+
+def _remove_if_empty(out: Path, shards_dir: Path) -> None:
+    with contextlib.suppress(OSError):
+        if shards_dir.is_dir() and not any(shards_dir.iterdir()):
+            shards_dir.rmdir()
+    with contextlib.suppress(OSError):
+        if out.is_file() and out.stat().st_size == 0 and not shards_dir.exists():
+            out.unlink()

@@ -144,6 +144,7 @@ def test_an_unreachable_address_is_one_clear_line(quick, prompts_file, tmp_path)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot connect to a Ray cluster" in errors[0]
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.shards").exists()
 
 
 @pytest.mark.parametrize("address", ["nohost", "127.0.0.1:port", ":6379", "ray://", "ray://host:"])
