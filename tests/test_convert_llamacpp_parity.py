@@ -10,8 +10,6 @@ file per checkpoint is compared, which catches any tensor or metadata drift.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,25 +18,13 @@ from .test_convert_common import PROMPTS, converted, needs_train_extra, smollm2_
 
 pytestmark = pytest.mark.slow
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "llamacpp_converter_parity.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("llamacpp_converter_parity", _BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    saved = list(sys.path)
-    try:
-        spec.loader.exec_module(mod)  # it puts benchmarks/ on sys.path for its `common` import
-    finally:
-        sys.path[:] = saved
-    return mod
-
 
 @pytest.fixture(scope="module")
 def bench():
     needs_train_extra()
     pytest.importorskip("sentencepiece", reason="llama.cpp's Llama converter imports sentencepiece")
-    mod = _bench()
+    from edge_fslm.convert import llamacpp_parity as mod
+
     if mod.cached_converter() is None:
         pytest.skip("llama.cpp's convert_hf_to_gguf.py is not cached: run `python "
                     "benchmarks/llamacpp_converter_parity.py` once (it fetches the llama-cpp-python sdist from PyPI)")
