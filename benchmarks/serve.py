@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import httpx
 from common import RESULTS, median, p95, smollm2_path, table, write_result
 
 from edge_fslm.rss import kernel_peak
-from edge_fslm.testing import free_port, start_server
+from edge_fslm.testing import free_port, headless_chrome, start_server
 from edge_fslm.units import fmt_bytes
 
 STACK = "fslm-smollm2-prompted"
@@ -99,21 +98,12 @@ def load(fn, clients: int, n: int) -> dict:
 
 
 def screenshot(url: str, out: Path) -> bool:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
-    except ImportError:
+    d = headless_chrome("1000,1100")
+    if d is None:
         return False
-    if not (chromium and driver):
-        return False
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,1100"):
-        opts.add_argument(arg)
-    d = webdriver.Chrome(options=opts, service=Service(executable_path=driver))
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     try:
         d.get(url + "/")
         WebDriverWait(d, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))

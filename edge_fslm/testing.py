@@ -144,3 +144,33 @@ def start_server(args: list[str], log: Path, *, port: int | None = None, ready_t
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"edge-fslm serve did not answer /health within {ready_timeout} s:\n{server.output()}")
+
+
+def chromium_paths() -> tuple[str, str] | None:
+    """(chromium, chromedriver) when both are installed (Debian's chromium and chromium-driver)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (chromium, driver) if chromium and driver else None
+
+
+def headless_chrome(window: str = "1000,900"):
+    """A Selenium driver on a real headless chromium, for the page tests and the benchmark's
+    screenshot; None when selenium, chromium or chromedriver is missing. The caller quits it."""
+    paths = chromium_paths()
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        return None
+    if paths is None:
+        return None
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = paths[0]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--window-size={window}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=paths[1]))
+    driver.set_page_load_timeout(60)
+    return driver

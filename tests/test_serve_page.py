@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-import shutil
-
 import httpx
 import pytest
 
-from edge_fslm.testing import start_server
+from edge_fslm.testing import chromium_paths, headless_chrome, start_server
 
 from .serve_helpers import write_quick_stack
 
-webdriver = pytest.importorskip("selenium.webdriver")
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
+pytest.importorskip("selenium.webdriver")
 
 pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
+    chromium_paths() is None,
     reason="needs Debian's chromium and chromium-driver (scripts/install.sh installs them where apt is available)")
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1000,900"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
+    driver = headless_chrome()
     yield driver
     driver.quit()
 
