@@ -155,22 +155,29 @@ def _llama_hparams(config: dict[str, Any], folder: Path) -> HParams:
         raise ConvertError(f"{folder / 'config.json'}: head_dim {head_dim} is odd — RoPE needs an even head size")
     theta = _rope(config).get("rope_theta", config.get("rope_theta", 10000.0))
     return HParams(
-        n_vocab=_cfg(config, folder, "vocab_size"),
+        **_shared_hparams(config, folder),
         n_embd=n_embd,
-        n_ff=_cfg(config, folder, "intermediate_size"),
-        n_layer=_cfg(config, folder, "num_hidden_layers"),
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
-        n_ctx=_cfg(config, folder, "max_position_embeddings", default=2048),
         rope_theta=float(theta),
         rope_dim=head_dim,
         norm_eps=_cfg(config, folder, "rms_norm_eps", default=1e-6, kind=float),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        rope_linear_factor=_rope_linear(config, folder),
-        name=_model_name(config, folder),
         explicit_head_dim=isinstance(config.get("head_dim"), int),
     )
+
+
+def _shared_hparams(config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The hyperparameters every architecture reads from the same config.json keys."""
+    return {
+        "n_vocab": _cfg(config, folder, "vocab_size"),
+        "n_ff": _cfg(config, folder, "intermediate_size"),
+        "n_layer": _cfg(config, folder, "num_hidden_layers"),
+        "n_ctx": _cfg(config, folder, "max_position_embeddings", default=2048),
+        "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "rope_linear_factor": _rope_linear(config, folder),
+        "name": _model_name(config, folder),
+    }
 
 
 _NEOX_ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
@@ -194,21 +201,15 @@ def _neox_hparams(config: dict[str, Any], folder: Path) -> HParams:
         raise ConvertError(f"{folder / 'config.json'}: rotary dimension {rope_dim} (rotary_pct {pct} of head size "
                            f"{head_dim}) must be even and positive — fix config.json")
     return HParams(
-        n_vocab=_cfg(config, folder, "vocab_size"),
+        **_shared_hparams(config, folder),
         n_embd=n_embd,
-        n_ff=_cfg(config, folder, "intermediate_size"),
-        n_layer=_cfg(config, folder, "num_hidden_layers"),
         n_head=n_head,
         n_head_kv=n_head,
         head_dim=head_dim,
-        n_ctx=_cfg(config, folder, "max_position_embeddings", default=2048),
         rope_theta=float(theta),
         rope_dim=rope_dim,
         norm_eps=_cfg(config, folder, "layer_norm_eps", default=1e-5, kind=float),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         parallel_residual=bool(config.get("use_parallel_residual", True)),
-        rope_linear_factor=_rope_linear(config, folder),
-        name=_model_name(config, folder),
     )
 
 
