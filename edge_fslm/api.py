@@ -21,21 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import psutil
-
 from .manifest import Manifest, StageSpec
 from .memory import Plan, require_fit
 from .pipeline import FinalStageSettings, Pipeline, RunResult, StageTrace, TextCallback
 from .plan import (  # noqa: F401  (the planning steps were public here first)
     ResidencyUnit, make_plan, prepare_stack, residency_units, resolve_adapters, resolve_models,
 )
-from .pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel
+from .pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel, default_threads  # noqa: F401
 from .rss import RssSampler
-
-
-def default_threads() -> int:
-    """One thread per physical core: llama.cpp gains nothing from hyper-threads."""
-    return max(1, psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
 
 
 @dataclass
@@ -166,18 +159,7 @@ class Stack:
         """A Stack from what :func:`prepare_stack` returned, without resolving its files again
         (the server prepares every stack at start and loads each on its first request)."""
         require_fit(plan)
-        rt = manifest.runtime
-        settings = LoadSettings(
-            ctx_size=rt.ctx_size,
-            threads=rt.threads or default_threads(),
-            batch_size=rt.batch_size,
-            gpu_layers=rt.gpu_layers,
-            mmap=rt.mmap,
-            seed=rt.seed,
-            verbose=verbose,
-            prefix_cache=rt.prefix_cache,
-            kv_cache_type=rt.kv_cache_type,
-        )
+        settings = LoadSettings.from_runtime(manifest.runtime, verbose=verbose)
         owns_pool = pool is None
         if pool is None:
             pool = ModelPool(settings, max_resident=plan.max_resident)

@@ -60,6 +60,13 @@ class ResolvedAdapter:
     scale: float = 1.0
 
 
+def default_threads() -> int:
+    """One thread per physical core: llama.cpp gains nothing from hyper-threads."""
+    import psutil
+
+    return max(1, psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class LoadSettings:
     """How llama.cpp contexts are created; one set per stack run."""
@@ -79,6 +86,13 @@ class LoadSettings:
     # once, and restore it on every later run instead of evaluating it again.
     prefix_cache: bool = True
     kv_cache_type: str = "f16"
+
+    @classmethod
+    def from_runtime(cls, rt, *, verbose: bool = False) -> "LoadSettings":
+        """The settings a manifest's ``[runtime]`` table (a RuntimeSpec) asks for; threads 0 = one per core."""
+        return cls(ctx_size=rt.ctx_size, threads=rt.threads or default_threads(), batch_size=rt.batch_size,
+                   gpu_layers=rt.gpu_layers, mmap=rt.mmap, seed=rt.seed, verbose=verbose,
+                   prefix_cache=rt.prefix_cache, kv_cache_type=rt.kv_cache_type)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..api import Stack, default_threads
+from ..api import Stack
 from ..plan import ResidencyUnit, prepare_stack, residency_units
 from ..errors import EdgeFSLMError
 from ..manifest import Manifest
@@ -84,12 +84,7 @@ class Registry:
         )
         # The union need not fit all at once: the pool then keeps as many bases as fit and
         # swaps the rest (every stack alone was checked to fit above).
-        rt = first_rt
-        settings = LoadSettings(
-            ctx_size=rt.ctx_size, threads=rt.threads or default_threads(), batch_size=rt.batch_size,
-            gpu_layers=rt.gpu_layers, mmap=rt.mmap, seed=rt.seed, prefix_cache=rt.prefix_cache,
-            kv_cache_type=rt.kv_cache_type,
-        )
+        settings = LoadSettings.from_runtime(first_rt)
         pool = ModelPool(settings, max_resident=combined.max_resident if combined.fits else 1)
         return cls(stacks=served, pool=pool, plan=combined, budget=wanted)
 
