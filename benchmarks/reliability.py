@@ -3,7 +3,7 @@
 Four parts, all in this one run:
 
 * **Corpora.** Every hostile model/adapter file and every hostile manifest of the test suite
-  (tests/test_hostile_common.py), generated in a temp dir and fed to the real ``edge-fslm``
+  (edge_fslm/testing/hostile.py), generated in a temp dir and fed to the real ``edge-fslm``
   (``run --stack`` and ``inspect``) in subprocesses. A *crash* is a process killed by a signal,
   a timeout or a traceback; a *clean refusal* is exit code 2 with ``error: `` lines naming the
   file and the problem.
@@ -34,13 +34,11 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the corpora and fuzzers live in the test suite
+from common import SMOLLM2, gemma_path, table, write_result
 
-from common import SMOLLM2, gemma_path, table, write_result  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PROMPTS = ["Why is the sky blue?", "Name a primary color.", "What is the capital of France?",
            "How many legs does a spider have?", "Give one tip for sleeping well."]
@@ -65,7 +63,7 @@ MB = 1e6
 
 
 def run_corpora(workdir: Path) -> dict:
-    from tests.test_hostile_common import cli, manifest_cases, model_file_cases, refusal_problem, smollm2, stack_for
+    from edge_fslm.testing.hostile import cli, manifest_cases, model_file_cases, refusal_problem, smollm2, stack_for
 
     out: dict = {}
     try:
@@ -103,33 +101,42 @@ def run_corpora(workdir: Path) -> dict:
     return out
 
 
-def run_fuzz(scale: float, workdir: Path) -> dict:
-    os.environ["EDGE_FSLM_FUZZ_SCALE"] = str(scale)
-    import tests.test_hostile_fuzz as fz
-    from tests.test_hostile_common import real_header, sparse_copy
+FUZZ_SUITES = {  # the fuzz tests of tests/test_hostile_fuzz.py, and what each one tries
+    "test_fuzz_manifest_random_text": "manifest: random text",
+    "test_fuzz_manifest_mutated_default": "manifest: mutated default stack",
+    "test_fuzz_manifest_structured": "manifest: structured TOML",
+    "test_fuzz_real_header_mutations": "GGUF: mutated real header",
+    "test_fuzz_template_parser": "template parser",
+}
 
-    head, size, lay = real_header()
-    path = sparse_copy(workdir / "real.gguf", head, size)
-    hot = [0, 4, 8, 16, 24] + [o for start, vt in lay.kv.values() for o in (start, vt, vt + 4, vt + 8)]
-    hot += [o for t in lay.tensors for o in t.values()]
-    real_copy = (path, head, size, sorted(set(hot)))
-    suites = [
-        ("manifest: random text", fz.MANIFEST_TEXT, fz.test_fuzz_manifest_random_text, {}),
-        ("manifest: mutated default stack", fz.MANIFEST_MUTATED, fz.test_fuzz_manifest_mutated_default, {}),
-        ("manifest: structured TOML", fz.MANIFEST_STRUCTURED, fz.test_fuzz_manifest_structured, {}),
-        ("GGUF: mutated real header", fz.REAL_GGUF, fz.test_fuzz_real_header_mutations, {"real_copy": real_copy}),
-        ("template parser", fz.TEMPLATE, fz.test_fuzz_template_parser, {}),
-    ]
+
+def run_fuzz(scale: float, workdir: Path) -> dict:
+    """The fuzz tests, run by pytest in a child process at ``scale`` times their counts.
+
+    The test module writes its case counts and outcomes to EDGE_FSLM_FUZZ_REPORT; pytest's
+    JUnit XML gives each test's time and failure. Nothing here imports the test suite.
+    """
+    import json
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    junit, report = workdir / "fuzz-junit.xml", workdir / "fuzz-report.json"
+    env = {**os.environ, "EDGE_FSLM_FUZZ_SCALE": str(scale), "EDGE_FSLM_FUZZ_REPORT": str(report)}
+    subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_hostile_fuzz.py"), "-q",
+                    "-p", "no:cacheprovider", f"--junitxml={junit}"], cwd=ROOT, env=env, capture_output=True)
+    if not junit.is_file() or not report.is_file():
+        raise SystemExit(f"error: the fuzz tests did not run (no {junit.name} or {report.name} in {workdir})")
+    got = json.loads(report.read_text())
     rows = []
-    for name, n, fn, kwargs in suites:
-        t0 = time.perf_counter()
-        failure = None
-        try:
-            fn(**kwargs)
-        except BaseException as exc:  # a failing example: record it, keep going
-            failure = "".join(traceback.format_exception_only(type(exc), exc)).strip()[:1000]
-        rows.append({"suite": name, "cases": n, "seconds": round(time.perf_counter() - t0, 2), "failure": failure})
-    return {"suites": rows, "outcomes": dict(fz.OUTCOMES), "cases": sum(r["cases"] for r in rows),
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        name = case.get("name", "")
+        if name not in FUZZ_SUITES:
+            continue
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        failure = ((bad.get("message") or bad.text or "failed").strip()[:1000]) if bad is not None else None
+        rows.append({"suite": FUZZ_SUITES[name], "cases": got["cases"][name],
+                     "seconds": round(float(case.get("time", 0)), 2), "failure": failure})
+    return {"suites": rows, "outcomes": got["outcomes"], "cases": sum(r["cases"] for r in rows),
             "failures": sum(1 for r in rows if r["failure"])}
 
 

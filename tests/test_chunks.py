@@ -14,7 +14,7 @@ import pytest
 from edge_fslm import chunks, sources
 from edge_fslm.errors import SourceError
 
-from .test_hostile_common import CHILD_ENV, CMD
+from edge_fslm.testing.hostile import CHILD_ENV, CMD
 
 PIECES = [os.urandom(3 << 20) + b"a", os.urandom(2 << 20) + b"b", os.urandom(1 << 20) + b"c"]
 

@@ -14,7 +14,7 @@ import pytest
 
 from edge_fslm import Stack
 
-from .test_hostile_common import smollm2
+from edge_fslm.testing.hostile import smollm2
 
 THREADS = 8
 CALLS = 25

@@ -2,7 +2,7 @@
 
 Every case must end with exit code 2 and one line on stderr that starts with ``error: ``, names
 the file and says what is wrong: no traceback, and never a signal (a llama.cpp abort or segfault).
-The corpus lives in test_hostile_common.model_file_cases(); benchmarks/reliability.py runs it too.
+The corpus lives in edge_fslm.testing.hostile.model_file_cases(); benchmarks/reliability.py runs it too.
 Truncated and patched copies of the real 98 MB SmolLM2 file are sparse: only its 1.8 MB header
 is written, the tensor data is a hole.
 """
@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from .test_hostile_common import assert_clean_refusal, cli, model_file_cases, smollm2, stack_for
+from edge_fslm.testing.hostile import assert_clean_refusal, cli, model_file_cases, smollm2, stack_for
 
 CASES = {c.id: c for c in model_file_cases()}
 
@@ -51,7 +51,7 @@ def test_inspect_refuses_hostile_file(case_id, folder):
 
 def test_adapter_for_a_different_base(gemma_path, tmp_path):
     """A LoRA made for Gemma 3, put on a SmolLM2 stage: refused before llama.cpp sees it."""
-    from .test_hostile_common import Case, model_file_cases as cases
+    from edge_fslm.testing.hostile import Case, model_file_cases as cases
 
     case = next(c for c in cases(gemma=lambda: gemma_path) if c.id == "adapter-for-gemma")
     path = case.build(tmp_path)
@@ -74,7 +74,7 @@ def test_special_paths(tmp_path):
 
 def test_file_changed_to_garbage_between_runs(tmp_path):
     """The header cache keys on inode, size and times: a file rewritten in place is checked again."""
-    from .test_hostile_common import write_tiny_llama
+    from edge_fslm.testing.hostile import write_tiny_llama
 
     model = write_tiny_llama(tmp_path / "m.gguf")
     m = stack_for(tmp_path, model)

@@ -28,8 +28,7 @@ from edge_fslm import gguf_info
 from edge_fslm.errors import GGUFError, ManifestError
 from edge_fslm.manifest import MESSAGE_KEYS, STAGE_KEYS, TOP_KEYS, parse_manifest
 from edge_fslm.templates import TemplateSyntaxError, parse_template
-
-from .test_hostile_common import real_header, sparse_copy
+from edge_fslm.testing.hostile import real_header, sparse_copy
 
 SCALE = float(os.environ.get("EDGE_FSLM_FUZZ_SCALE", "1"))
 MANIFEST_TEXT = int(600 * SCALE)
@@ -39,6 +38,8 @@ REAL_GGUF = int(500 * SCALE)
 TEMPLATE = int(500 * SCALE)
 SLOW = 2.0  # seconds; any single parse slower than this is a failure (a near-hang)
 OUTCOMES: collections.Counter = collections.Counter()  # "<parser>:ok" / "<parser>:refused", for the benchmark
+# benchmarks/reliability.py runs this file and reads the counts and outcomes from this file
+REPORT = os.environ.get("EDGE_FSLM_FUZZ_REPORT")
 
 DEFAULT = (resources.files("edge_fslm.stacks") / "fslm-smollm2.toml").read_text()
 FUZZ = settings(deadline=None, database=None, derandomize=True,
@@ -300,6 +301,14 @@ def test_zz_fuzz_reached_both_outcomes():
     """The fuzzers are not all refusals: some inputs validate, so the checks behind the first error run too."""
     if not OUTCOMES:
         pytest.skip("run with the fuzz tests")
+    if REPORT:
+        import json
+
+        cases = {"test_fuzz_manifest_random_text": MANIFEST_TEXT, "test_fuzz_manifest_mutated_default": MANIFEST_MUTATED,
+                 "test_fuzz_manifest_structured": MANIFEST_STRUCTURED, "test_fuzz_real_header_mutations": REAL_GGUF,
+                 "test_fuzz_template_parser": TEMPLATE}
+        with open(REPORT, "w", encoding="utf-8") as f:
+            json.dump({"cases": cases, "outcomes": dict(OUTCOMES)}, f)
     for parser in ("manifest", "template"):
         assert OUTCOMES[f"{parser}:ok"] > 0 and OUTCOMES[f"{parser}:refused"] > 0, dict(OUTCOMES)
     assert OUTCOMES["gguf:refused"] > 0, dict(OUTCOMES)

@@ -16,7 +16,7 @@ from edge_fslm import SourceError
 from edge_fslm import sources
 from edge_fslm.manifest import parse_manifest
 
-from .test_hostile_common import assert_clean_refusal, cli, stack_for, write_tiny_llama
+from edge_fslm.testing.hostile import assert_clean_refusal, cli, stack_for, write_tiny_llama
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SHA = "ab" * 32

@@ -2,7 +2,7 @@
 
 Each manifest case ends with exit code 2 and one ``error: `` line per problem, naming the
 manifest file (or, for a model reference that escapes its stack folder, the reference) and
-the problem. The corpus lives in test_hostile_common.manifest_cases().
+the problem. The corpus lives in edge_fslm.testing.hostile.manifest_cases().
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from edge_fslm.errors import GGUFError, ManifestError
 from edge_fslm.manifest import load_manifest, parse_manifest
 
-from .test_hostile_common import (
+from edge_fslm.testing.hostile import (
     assert_clean_refusal,
     cli,
     manifest_cases,

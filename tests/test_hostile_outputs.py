@@ -20,7 +20,7 @@ from edge_fslm.errors import EdgeFSLMError
 from edge_fslm.manifest import load_stack
 from edge_fslm.stage import prepare, tokenize
 
-from .test_hostile_common import CHILD_ENV, CMD, assert_clean_refusal, cli, smollm2, stack_for
+from edge_fslm.testing.hostile import CHILD_ENV, CMD, assert_clean_refusal, cli, smollm2, stack_for
 
 CTX = 256
 

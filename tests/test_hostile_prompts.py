@@ -16,7 +16,7 @@ from edge_fslm import PromptError, Stack
 from edge_fslm.pipeline import clean_prompt
 from edge_fslm.stage import max_token_bytes
 
-from .test_hostile_common import assert_clean_refusal, cli, smollm2, stack_for
+from edge_fslm.testing.hostile import assert_clean_refusal, cli, smollm2, stack_for
 
 CTX = 256
 
@@ -91,7 +91,7 @@ def test_cli_invalid_utf8_in_argv(manifest):
     import os
     import subprocess
 
-    from .test_hostile_common import CHILD_ENV, CMD
+    from edge_fslm.testing.hostile import CHILD_ENV, CMD
 
     # argv cannot be built from a str with lone surrogates portably; pass raw bytes
     proc = subprocess.run([*map(os.fsencode, CMD), b"run", b"caf\xe9 \xff", b"--stack", os.fsencode(manifest)],

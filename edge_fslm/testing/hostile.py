@@ -1,4 +1,4 @@
-"""Shared pieces of the hostile-input suite (tests/test_hostile_*.py) and benchmarks/reliability.py.
+"""The hostile-input corpus, shared by the tests (tests/test_hostile_*.py) and benchmarks/reliability.py.
 
 * ``cli()``: the real ``edge-fslm`` in a subprocess, in its own session, killed with its whole
   process group on timeout, so a regression that makes llama.cpp abort cannot leave orphans
@@ -10,7 +10,7 @@
 * The corpora: ``model_file_cases()`` and ``manifest_cases()``, each a list of cases that
   build a hostile input in a folder and say what the one-line error must contain.
 
-A few self-tests at the bottom check the helpers themselves.
+tests/test_hostile_helpers.py checks the helpers themselves.
 """
 
 from __future__ import annotations
@@ -588,24 +588,3 @@ def manifest_cases() -> list[ManifestCase]:
         ManifestCase("folder-without-stack-toml", lambda folder: (folder / "empty-dir").mkdir() or folder / "empty-dir",
                      ("has no stack.toml",)),
     ]
-
-
-# --------------------------------------------------------------------------- self-tests of the helpers
-
-
-def test_tiny_llama_runs_end_to_end(tmp_path):
-    """The tiny model is a real, loadable llama: the hostile-metadata cases vary only the metadata."""
-    model = write_tiny_llama(tmp_path / "tiny.gguf")
-    assert model.stat().st_size < 200_000
-    m = stack_for(tmp_path, model, template="{input}")
-    proc = cli("run", "hello there", "--stack", str(m), "--json")
-    assert proc.returncode == 0, proc.err
-    assert b'"completion_tokens": 4' in proc.stdout
-
-
-def test_sparse_copies_cost_only_the_header(tmp_path):
-    head, size, lay = real_header()
-    p = sparse_copy(tmp_path / "s.gguf", head, size)
-    assert p.stat().st_size == size
-    assert p.stat().st_blocks * 512 < 4 << 20  # the data section is a hole
-    assert lay.n_tensors == 272 and "tokenizer.ggml.tokens" in lay.kv

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gguf_info import GGUFInfo, read_gguf
+from ..gguf_info import GGUFInfo, read_gguf
 
 
 def write_random_lora(
