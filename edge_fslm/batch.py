@@ -116,7 +116,7 @@ def check_paths(input_path: Path, out: Path) -> None:
     except OSError:
         same = False
     if same:
-        raise EdgeFSLMError(f"{out}: is the input file — choose another --output")
+        raise EdgeFSLMError(f"{out}: is the input file — choose another output path")
 
 
 def run_batch(

@@ -74,6 +74,11 @@ _FLAG_SPELLING = [
     (re.compile(r"\blower max_tokens\b"), "lower --max-tokens"),
     (re.compile(r"\blower parallel\b"), "lower --parallel"),
     (re.compile(r"^parallel=(\S+):"), r"--parallel \1:"),
+    (re.compile(r": limit=(\S+):"), r": --limit \1:"),
+    (re.compile(r"\bchoose another output path\b"), "choose another --output"),
+    (re.compile(r"\brelative to data_dir\b"), "relative to --data-dir"),
+    (re.compile(r"\bhold(s?) it as data_dir\b"), r"hold\1 it with --data-dir"),
+    (re.compile(r"\bor load the folder as a stack\b"), "or use --stack with the folder"),
 ]
 
 

@@ -265,7 +265,7 @@ def load_manifest(path: str | Path, *, trusted: bool = True) -> Manifest:
     p = Path(path).expanduser()
     try:
         if p.is_dir():
-            raise ManifestError(f"{p}: is a directory — pass the manifest file, or use --stack with the folder")
+            raise ManifestError(f"{p}: is a directory — pass the manifest file, or load the folder as a stack")
         data = p.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{p}: no such manifest file") from None

@@ -143,3 +143,27 @@ def test_pull_local_stack(smollm2_path):
 def test_version():
     r = CliRunner().invoke(main, ["--version"])
     assert r.exit_code == 0 and "edge-fslm" in r.output
+
+
+def test_api_errors_name_parameters_and_the_cli_names_flags(tmp_path):
+    """The same mistake: the API's message names its parameter, the command's names the flag."""
+    from edge_fslm.cli import cli_spelling
+    from edge_fslm.errors import DataError, ManifestError
+    from edge_fslm.evaluation.evaluate import evaluate_instruct
+    from edge_fslm.manifest import load_manifest
+
+    data = tmp_path / "alpaca.json"
+    data.write_text('[{"instruction": "Say hi.", "input": "", "output": "Hi."}]')
+    with pytest.raises(DataError, match="limit=0: give a positive number of rows") as exc:
+        evaluate_instruct("fslm-smollm2", data, split="all", limit=0)
+    assert ": --limit 0: give a positive number of rows" in cli_spelling(str(exc.value))  # click checks it first
+
+    with pytest.raises(ManifestError, match="or load the folder as a stack") as exc:
+        load_manifest(tmp_path)
+    assert cli_spelling(str(exc.value)).endswith("or use --stack with the folder")
+
+    (tmp_path / "r.recipe.toml").write_text('[recipe]\nstack = "fslm-smollm2"\nteacher_stack = "fslm-qwen-teacher"\n'
+                                            'teacher = "x.gguf"\n[[recipe.data]]\nfile = "missing.json"\n')
+    r = CliRunner().invoke(main, ["train-recipe", str(tmp_path / "r.recipe.toml"), "--data-dir", str(tmp_path),
+                                  "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "pass the folder that holds it with --data-dir" in r.output, r.output

@@ -303,7 +303,7 @@ def test_evaluate_arc_limit_and_errors(arc3, tmp_path):
     from edge_fslm.errors import DataError, SourceError
     from edge_fslm.evaluation.evaluate import evaluate_arc
 
-    with pytest.raises(DataError, match="--limit 0"):
+    with pytest.raises(DataError, match="limit=0: give a positive number"):
         evaluate_arc(STACK, arc3, limit=0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')

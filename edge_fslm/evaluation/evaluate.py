@@ -255,7 +255,7 @@ class InstructReport:
 def _limited(rows: list, limit: int | None, path: str | Path) -> list:
     if limit is not None:
         if limit < 1:
-            raise DataError(f"{path}: --limit {limit}: give a positive number of rows")
+            raise DataError(f"{path}: limit={limit}: give a positive number of rows")
         rows = rows[:limit]
     return rows
 

@@ -75,7 +75,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     data = []
     for i, d in enumerate(r.get("data", [])):
         if not isinstance(d, dict) or not isinstance(d.get("file"), str):
-            raise ManifestError(f"{origin}: recipe.data[{i}].file: expected a file name relative to --data-dir")
+            raise ManifestError(f"{origin}: recipe.data[{i}].file: expected a file name relative to data_dir")
         limit = d.get("limit")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ManifestError(f"{origin}: recipe.data[{i}].limit: expected a positive integer")
@@ -123,7 +123,7 @@ def run_recipe(
     for d in rec.data:
         p = data_root / d.file
         if not p.is_file():
-            raise DataError(f"{p}: recipe data file not found — pass the folder that holds it with --data-dir")
+            raise DataError(f"{p}: recipe data file not found — pass the folder that holds it as data_dir")
         files.append((p, d.limit))
     out = Path(out_dir).expanduser()
     student = load_stack(rec.stack)
