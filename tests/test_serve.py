@@ -330,3 +330,23 @@ def test_sigterm_drains_the_requests_in_flight(quick, tmp_path):
     assert final["choices"][0]["finish_reason"] in ("stop", "length")
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{srv.url}/health", timeout=2)
+
+
+def test_a_request_that_arrives_while_the_server_stops_gets_503_and_retry_after(quick):
+    """The window between the worker being told to stop and uvicorn closing the socket.
+
+    uvicorn refuses new connections once a shutdown starts, so this one state is reached
+    in-process: the real app and scheduler, driven by Starlette's ASGI test client.
+    """
+    from starlette.testclient import TestClient
+
+    from edge_fslm.serve.app import create_app
+    from edge_fslm.serve.registry import Registry
+
+    app = create_app(Registry.open([quick]))
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        app.state.server.scheduler.stop(5)
+        r = client.post("/v1/chat/completions", json={"model": "quick", "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+    assert r.json()["error"]["code"] == "shutting_down" and "shutting down" in r.json()["error"]["message"]
