@@ -35,7 +35,7 @@ class Generation:
 
 
 def _formatter(lm: LoadedModel, stage: StageSpec):
-    fmt = getattr(lm, "_edge_chat_formatter", None)
+    fmt = lm.chat_formatter
     if fmt is None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -51,7 +51,7 @@ def _formatter(lm: LoadedModel, stage: StageSpec):
             fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
         except Exception as exc:  # jinja2 syntax errors in a file we did not write
             raise GGUFError(f"{lm.model.path}: chat template does not parse ({exc}) — use a raw `template` stage") from None
-        lm._edge_chat_formatter = fmt  # type: ignore[attr-defined]
+        lm.chat_formatter = fmt
     return fmt
 
 
@@ -120,7 +120,7 @@ def prompt_tokens(lm: LoadedModel, stage: StageSpec, values: dict[str, str]) -> 
 
 def max_token_bytes(lm: LoadedModel) -> int:
     """The longest piece (in UTF-8 bytes) of any token in the model's vocabulary, read once per model."""
-    n = getattr(lm, "_edge_max_token_bytes", None)
+    n = lm.max_token_bytes
     if n is None:
         lc = llama.lib()
         vocab = lm.vocab
@@ -129,7 +129,7 @@ def max_token_bytes(lm: LoadedModel) -> int:
         for tok in range(lc.llama_vocab_n_tokens(vocab)):
             size = lc.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
             n = max(n, abs(size))
-        lm._edge_max_token_bytes = n  # type: ignore[attr-defined]
+        lm.max_token_bytes = n
     return n
 
 
