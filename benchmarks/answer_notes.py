@@ -169,7 +169,9 @@ def main() -> None:
         rows.append(cells)
     print(f"{args.split}: {len(questions)} questions, acc by log-likelihood as eval arc scores it ({seconds:.0f} s)")
     print(table(rows, ["row", "acc", "pts vs its answer alone", "wins/losses", "vs single base"]))
-    print(f"\nwrote {write_result('answer_notes', result)}")
+    # one result file per split: ARC-Easy validation keeps the original name
+    name = "answer_notes" if args.split == "ARC-Easy-validation" else f"answer_notes_{args.split.lower().replace('-', '_')}"
+    print(f"\nwrote {write_result(name, result)}")
 
 
 if __name__ == "__main__":

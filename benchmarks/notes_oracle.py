@@ -1,7 +1,8 @@
 """Do better notes help the answer stage? Teacher notes against the stack's own notes and none.
 
-The fine-tuned answer stage of ``fslm-smollm2`` scores each ARC choice after notes from one
-of three sources, on the same questions:
+The fine-tuned answer stage of the *first* ``fslm-smollm2`` adapters (taught by SmolLM2 itself,
+``fslm-smollm2-v1.recipe.toml``; shipped until 2026-12-03) scores each ARC choice after notes
+from one of three sources, on the same questions:
 
 * none: the notes left empty (the answer adapter alone);
 * own: the notes the shipped stack's fine-tuned note stages write at run time;
@@ -14,7 +15,11 @@ evaluation split is touched and the teacher is not needed at run time. The basel
 "none", measured in the same run; the table gives each source's accuracy, its difference in
 points, and the paired wins, losses and sign-test z against "none".
 
-    python benchmarks/notes_oracle.py [--data-dir ../shared/data] [--threads 2]
+Today's shipped adapters were trained on every distilled question, so none is unseen by them:
+rebuild the v1 adapters first (``edge-fslm train-recipe fslm-smollm2-v1 --data-dir ../shared/data
+-o build/fslm-smollm2-v1``), then
+
+    python benchmarks/notes_oracle.py [--stack build/fslm-smollm2-v1] [--data-dir ../shared/data] [--threads 2]
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from common import paired_sign_test, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILLED = ROOT / "edge_fslm" / "stacks" / "fslm-smollm2-qwen" / "distill.jsonl"
-RECIPE = ROOT / "edge_fslm" / "stacks" / "fslm-smollm2.recipe.toml"
+RECIPE = ROOT / "edge_fslm" / "stacks" / "fslm-smollm2-v1.recipe.toml"
 
 
 def unseen_questions(data_dir: Path) -> list:
@@ -60,6 +65,8 @@ def score(stack, values: dict, choices: list[str]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--stack", type=Path, default=ROOT / "build" / "fslm-smollm2-v1",
+                    help="the stack folder train-recipe wrote for fslm-smollm2-v1")
     ap.add_argument("--threads", type=int)
     args = ap.parse_args()
     from edge_fslm import Stack
@@ -68,7 +75,7 @@ def main() -> None:
     items = unseen_questions(args.data_dir)
     right: dict[str, list[bool]] = {"none": [], "own": [], "teacher": []}
     t0 = time.perf_counter()
-    with Stack.load("fslm-smollm2", threads=args.threads, measure_rss=False) as st:
+    with Stack.load(args.stack, threads=args.threads, measure_rss=False) as st:
         for q, teacher_notes in items:
             own = notes_for(st, q.question)
             empty = {"input": own["input"], **{k: "" for k in teacher_notes}}

@@ -238,16 +238,19 @@ def test_train_extra_missing_is_a_clear_error(monkeypatch):
         ft.require_train_extra()
 
 
-def test_recipe_file_is_valid_and_names_real_stacks():
+@pytest.mark.parametrize("name, teacher_stack", [("fslm-smollm2", "fslm-qwen-teacher"),
+                                                  ("fslm-smollm2-v1", "fslm-smollm2-prompted")])
+def test_recipe_file_is_valid_and_names_real_stacks(name, teacher_stack):
     from edge_fslm.train.recipe import load_recipe
 
-    rec = load_recipe("fslm-smollm2")
-    assert rec.stack == "fslm-smollm2" and rec.teacher_stack == "fslm-smollm2-prompted"
+    rec = load_recipe(name)
+    assert rec.stack == "fslm-smollm2" and rec.teacher_stack == teacher_stack
     student, teacher = load_stack(rec.stack), load_stack(rec.teacher_stack)
     assert [s.name for s in student.stages] == [s.name for s in teacher.stages]
     assert all(s.adapter is not None for s in student.stages)
     assert all(s.adapter is None for s in teacher.stages)
-    assert rec.data[0].file == "alpaca_5000.json" and rec.data[0].limit <= 4500  # never the held-out rows
+    alpaca = [d for d in rec.data if d.file == "alpaca_5000.json"]
+    assert alpaca and all(d.limit is not None and d.limit <= 4500 for d in alpaca)  # never the held-out rows
     assert all("validation" not in d.file and "test" not in d.file for d in rec.data)
     assert rec.train.seed == rec.seed and rec.stage_train["answer"]["steps"] > 0
 
@@ -289,10 +292,10 @@ def test_malformed_recipe_fields(tmp_path, edit, needle):
         load_recipe(tmp_path / "r.recipe.toml")
 
 
-def test_the_teacher_recipe_names_a_pinned_teacher():
+def test_the_default_recipe_names_a_pinned_teacher():
     from edge_fslm.train.recipe import load_recipe
 
-    rec = load_recipe(Path(__file__).parents[1] / "edge_fslm" / "stacks" / "fslm-smollm2-qwen.recipe.toml")
+    rec = load_recipe("fslm-smollm2")
     assert rec.teacher == "chunks://qwen2.5-coder-1.5b-instruct" and rec.teacher_stack == "fslm-qwen-teacher"
     assert rec.train.block_diagonal and rec.parallel >= 1
     assert all("validation" not in d.file and "test" not in d.file for d in rec.data)
