@@ -107,6 +107,28 @@ class _ShardWorker:
         return {"shard": shard, "results": results, "failed": failed}
 
 
+def _on_actors(ray, worker, args: tuple, shard_ids: list[int], call, *, threads: int, actors: int | None,
+               what: str, on_reply: Callable[[dict], None]) -> int:
+    """Run ``call(actor, shard)`` for every shard id on restartable actors of ``worker(*args)``
+    (one per ``threads`` CPUs of the cluster unless ``actors`` is given); ``on_reply`` gets each
+    reply as it arrives. A reply saying the worker could not load ``what`` stops the run, and
+    the actors are killed however it ends. Returns how many actors ran."""
+    from ray.util import ActorPool
+
+    n = min(actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(threads, 1)), len(shard_ids))
+    remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=-1)(worker)
+    pool = [remote.remote(*args) for _ in range(n)]
+    try:
+        for reply in ActorPool(pool).map_unordered(call, shard_ids):
+            if "fatal" in reply:
+                raise EdgeFSLMError(f"a Ray worker could not load {what} {reply['fatal']}")
+            on_reply(reply)
+    finally:
+        for a in pool:
+            ray.kill(a)
+    return n
+
+
 class _DistillWorker:
     """One actor of ``distill --ray``: the teacher loaded once, distilling whole shards."""
 
@@ -143,23 +165,11 @@ def distill_on_ray(teacher_stack, examples: list, options, *, threads: int | Non
     ray = connect(options.address)
     threads = threads or 1
     shards = [examples[k:k + options.shard_size] for k in range(0, len(examples), options.shard_size)]
-    n_actors = options.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
-    n_actors = min(n_actors, len(shards))
-    remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=-1)(_DistillWorker)
-    pool = [remote.remote(teacher_stack, {"threads": threads, "ctx_size": ctx_size}) for _ in range(n_actors)]
-    from ray.util import ActorPool
-
-    try:
-        work = ActorPool(pool).map_unordered(
-            lambda a, k: a.run.remote(k, [(e.id, e.input, e.output) for e in shards[k]], parallel), range(len(shards)))
-        for reply in work:
-            if "fatal" in reply:
-                raise EdgeFSLMError(f"a Ray worker could not load the teacher {reply['fatal']}")
-            on_rows(reply["rows"])
-    finally:
-        for a in pool:
-            ray.kill(a)
-    return n_actors
+    return _on_actors(ray, _DistillWorker, (teacher_stack, {"threads": threads, "ctx_size": ctx_size}),
+                      list(range(len(shards))),
+                      lambda a, k: a.run.remote(k, [(e.id, e.input, e.output) for e in shards[k]], parallel),
+                      threads=threads, actors=options.actors, what="the teacher",
+                      on_reply=lambda reply: on_rows(reply["rows"]))
 
 
 class _EvalWorker:
@@ -206,32 +216,24 @@ def evaluate_on_ray(kind: str, stack, single: str | None, items: list, options, 
     Returns the records in input order, the slowest actor's load time and the largest actor's
     peak RSS. An evaluation writes its report at the end, so a killed driver starts over.
     """
-    check_address(options.address)
-    ray = connect(options.address)
+    ray = connect(options.address)  # checks the address's form first
     threads = threads or 1
     shards = [items[k:k + options.shard_size] for k in range(0, len(items), options.shard_size)]
-    n_actors = options.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
-    n_actors = min(n_actors, len(shards))
-    remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=-1)(_EvalWorker)
-    opts = {"threads": threads, "ctx_size": ctx_size, "max_tokens": max_tokens}
-    pool = [remote.remote(kind, stack, single, opts) for _ in range(n_actors)]
-    from ray.util import ActorPool
-
     by_shard: dict[int, list] = {}
-    load_seconds, peak, done = 0.0, 0, 0
-    try:
-        for reply in ActorPool(pool).map_unordered(lambda a, k: a.run.remote(k, shards[k]), range(len(shards))):
-            if "fatal" in reply:
-                raise EdgeFSLMError(f"a Ray worker could not load the stack {reply['fatal']}")
-            by_shard[reply["shard"]] = reply["records"]
-            load_seconds, peak = max(load_seconds, reply["load_seconds"]), max(peak, reply["peak_rss_bytes"])
-            done += len(reply["records"])
-            if progress:
-                progress(done, len(items))
-    finally:
-        for a in pool:
-            ray.kill(a)
-    return [r for k in range(len(shards)) for r in by_shard[k]], load_seconds, peak
+    totals = {"load_seconds": 0.0, "peak_rss_bytes": 0, "done": 0}
+
+    def take(reply: dict) -> None:
+        by_shard[reply["shard"]] = reply["records"]
+        for key in ("load_seconds", "peak_rss_bytes"):
+            totals[key] = max(totals[key], reply[key])
+        totals["done"] += len(reply["records"])
+        if progress:
+            progress(totals["done"], len(items))
+
+    _on_actors(ray, _EvalWorker, (kind, stack, single, {"threads": threads, "ctx_size": ctx_size, "max_tokens": max_tokens}),
+               list(range(len(shards))), lambda a, k: a.run.remote(k, shards[k]), threads=threads,
+               actors=options.actors, what="the stack", on_reply=take)
+    return [r for k in range(len(shards)) for r in by_shard[k]], totals["load_seconds"], totals["peak_rss_bytes"]
 
 
 @dataclass
@@ -349,27 +351,21 @@ def run_batch_on_ray(
         n_actors = 0
         if todo:
             ray = connect(address)
-            n_actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(threads, 1))
-            n_actors = min(n_actors, len(todo))
-            remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=-1)(_ShardWorker)
-            opts = {**(options or {}), "threads": threads}
-            pool = [remote.remote(stack, opts) for _ in range(n_actors)]
-            from ray.util import ActorPool
-
             where = str(input_path)
-            work = ActorPool(pool).map_unordered(
-                lambda a, k: a.run.remote(k, [(it.id, it.prompt, it.line) for it in shards[k]], where, truncate,
-                                          parallel), todo)
-            for reply in work:
-                if "fatal" in reply:
-                    raise EdgeFSLMError(f"a Ray worker could not load stack {stack} {reply['fatal']}")
+
+            def take(reply: dict) -> None:
+                nonlocal n_done_prompts
                 failed.update(reply["failed"])
                 _write_atomic(shards_dir / f"shard-{reply['shard']:06d}.jsonl", reply["results"])
                 n_done_prompts += len(shards[reply["shard"]])
                 if progress:
                     progress(n_done_prompts, len(items))
-            for a in pool:
-                ray.kill(a)
+
+            n_actors = _on_actors(
+                ray, _ShardWorker, (stack, {**(options or {}), "threads": threads}), todo,
+                lambda a, k: a.run.remote(k, [(it.id, it.prompt, it.line) for it in shards[k]], where, truncate,
+                                          parallel),
+                threads=threads, actors=actors, what=f"stack {stack}", on_reply=take)
         completed = 0
         for k in range(len(shards)):  # merge in input order, one shard in memory at a time
             path = shards_dir / f"shard-{k:06d}.jsonl"
