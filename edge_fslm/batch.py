@@ -197,21 +197,17 @@ def run_items(
         if on_step:
             on_step(item, trace)
 
+    def skip(k: int, exc: PromptError) -> None:
+        failed[items[k].id] = f"{where}:{items[k].line}: id {items[k].id!r}: {exc}"
+
     try:
         with stack.exclusive():
-            spare = _spare_bytes(stack)
-            for i, name in enumerate(stage_names):
-                todo = [item for item in items if name not in item.traces and item.id not in failed]
-                if todo:
-                    values = [{"input": item.prompt, **item.values} for item in todo]
-
-                    def skip(j: int, exc: PromptError, todo=todo) -> None:
-                        failed[todo[j].id] = f"{where}:{todo[j].line}: id {todo[j].id!r}: {exc}"
-
-                    stack.pipeline.finish_stage_group(
-                        i, values, width=parallel, truncate=truncate, spare_bytes=spare,
-                        on_trace=lambda j, trace: record(todo[j], i, trace),  # saved as each prompt finishes
-                        on_error=skip)
+            stack.pipeline.run_stage_major(
+                [{"input": item.prompt, **item.values} for item in items], width=parallel, truncate=truncate,
+                spare_bytes=_spare_bytes(stack),
+                before=lambda k, i: stage_names[i] not in items[k].traces,  # steps resumed from a checkpoint
+                on_trace=lambda k, i, trace: record(items[k], i, trace),  # saved as each prompt finishes
+                on_error=skip)
     finally:
         stack.pipeline.pool.close_parallel()
     return completed, failed

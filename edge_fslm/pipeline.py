@@ -289,6 +289,46 @@ class Pipeline:
                                prefix, chunk_size(self.pool.settings), on_done=lambda k, g, part=part: done(part[k], g))
         return [t for t in traces if t is not None]
 
+    def run_stage_major(
+        self,
+        rows: list[dict[str, str]],
+        *,
+        width: int,
+        on_trace: Callable[[int, int, StageTrace], None],
+        on_error: Callable[[int, PromptError], None],
+        before: Callable[[int, int], bool] | None = None,
+        truncate: bool = False,
+        spare_bytes: int | None = None,
+        final: FinalStageSettings | None = None,
+    ) -> None:
+        """Every stage for every row of values, stage by stage, ``width`` decoded together.
+
+        The one loop under batch mode, the Ray workers and the server's request groups. Each
+        stage's output is written into its row for the stages after it; ``on_trace(row, stage,
+        trace)`` hears it as each row finishes a stage. A row that cannot run (too long for the
+        context) goes to ``on_error`` and drops out; the others go on. ``before(row, stage)``,
+        when given, is asked first and can drop a row from a stage (already done when resumed,
+        cancelled). ``final`` applies to the last stage only.
+        """
+        failed: set[int] = set()
+        last = len(self.manifest.stages) - 1
+        for i in range(last + 1):
+            todo = [k for k in range(len(rows)) if k not in failed and (before is None or before(k, i))]
+            if not todo:
+                continue
+
+            def traced(j: int, trace: StageTrace, todo=todo, i=i) -> None:
+                rows[todo[j]][trace.name] = trace.output
+                on_trace(todo[j], i, trace)
+
+            def errored(j: int, exc: PromptError, todo=todo) -> None:
+                failed.add(todo[j])
+                on_error(todo[j], exc)
+
+            self.finish_stage_group(i, [rows[k] for k in todo], width=width, truncate=truncate,
+                                    spare_bytes=spare_bytes, on_trace=traced, on_error=errored,
+                                    final=final if i == last else None)
+
     def execute(
         self,
         prompt: str,

@@ -248,32 +248,25 @@ class Scheduler:
             with stack.exclusive():
                 counters = pipeline.pool.counters.snapshot()
                 stages = stack.manifest.stages
-                last = len(stages) - 1
-                for i, stage in enumerate(stages):
-                    for k, job in enumerate(jobs):
-                        if job.cancelled.is_set() and k not in errors:
-                            errors[k] = Cancelled()
-                    todo = [k for k in range(len(jobs)) if k not in errors]
-                    if not todo:
-                        break
-                    for k in todo:
-                        jobs[k].post("stage_start", stage.name)
 
-                    def on_trace(j: int, trace: StageTrace, todo=todo) -> None:
-                        k = todo[j]
-                        traces[k].append(trace)
-                        values[k][trace.name] = trace.output
-                        jobs[k].post("text", (trace.name, trace.output))
-                        jobs[k].post("stage_end", self._stage_end_payload(trace))
+                def before(k: int, i: int) -> bool:
+                    if k in errors:
+                        return False
+                    if jobs[k].cancelled.is_set():
+                        errors[k] = Cancelled()
+                        return False
+                    jobs[k].post("stage_start", stages[i].name)
+                    return True
 
-                    def on_error(j: int, exc: EdgeFSLMError, todo=todo) -> None:
-                        errors[todo[j]] = exc
+                def on_trace(k: int, i: int, trace: StageTrace) -> None:
+                    traces[k].append(trace)
+                    jobs[k].post("text", (trace.name, trace.output))
+                    jobs[k].post("stage_end", self._stage_end_payload(trace))
 
-                    pipeline.finish_stage_group(
-                        i, [values[k] for k in todo], width=self.parallel, on_trace=on_trace, on_error=on_error,
-                        final=jobs[0].final if i == last else None,
-                        spare_bytes=self._spare_bytes(),
-                    )
+                pipeline.run_stage_major(
+                    [values.get(k, {}) for k in range(len(jobs))], width=self.parallel, before=before,
+                    on_trace=on_trace, on_error=errors.__setitem__, final=jobs[0].final,
+                    spare_bytes=self._spare_bytes())
                 spent = pipeline.pool.counters.since(counters)
             pipeline.pool.close_parallel()
         except Exception as exc:  # the whole group failed (a load error, say): every member hears why
