@@ -79,6 +79,9 @@ _FLAG_SPELLING = [
     (re.compile(r"\brelative to data_dir\b"), "relative to --data-dir"),
     (re.compile(r"\bhold(s?) it as data_dir\b"), r"hold\1 it with --data-dir"),
     (re.compile(r"\bor load the folder as a stack\b"), "or use --stack with the folder"),
+    (re.compile(r"^ray address=(\S+):"), r"--ray \1:"),
+    (re.compile(r"\buse the address local\b"), "pass --ray local"),
+    (re.compile(r"^running on a Ray cluster needs Ray\b"), "--ray needs Ray"),
 ]
 
 

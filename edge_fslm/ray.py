@@ -43,7 +43,7 @@ def _require_ray():
     try:
         import ray
     except ImportError:
-        raise EdgeFSLMError("--ray needs Ray — pip install 'edge-fslm[ray]'") from None
+        raise EdgeFSLMError("running on a Ray cluster needs Ray — pip install 'edge-fslm[ray]'") from None
     return ray
 
 
@@ -271,7 +271,7 @@ def _host_port(address: str) -> tuple[str, int] | None:
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise EdgeFSLMError(f"--ray {address}: expected auto, local, HOST:PORT or ray://HOST:PORT")
+        raise EdgeFSLMError(f"ray address={address}: expected auto, local, HOST:PORT or ray://HOST:PORT")
     return host.strip("[]"), int(port)
 
 
@@ -285,8 +285,8 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection(target, timeout=timeout).close()
     except OSError as exc:
-        raise EdgeFSLMError(f"--ray {address}: cannot connect to a Ray cluster ({exc.strerror or exc}) — start one"
-                            " with `ray start --head`, or pass --ray local") from None
+        raise EdgeFSLMError(f"ray address={address}: cannot connect to a Ray cluster ({exc.strerror or exc}) — start"
+                            " one with `ray start --head`, or use the address local") from None
 
 
 def connect(address: str):
@@ -302,8 +302,8 @@ def connect(address: str):
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgeFSLMError(f"--ray {address}: cannot connect to a Ray cluster ({why}) — start one with"
-                            " `ray start --head`, or pass --ray local") from None
+        raise EdgeFSLMError(f"ray address={address}: cannot connect to a Ray cluster ({why}) — start one with"
+                            " `ray start --head`, or use the address local") from None
     return ray
 
 

@@ -157,6 +157,21 @@ def test_a_malformed_address_is_one_clear_line(quick, prompts_file, tmp_path, ad
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_the_api_names_its_parameter_and_the_cli_names_the_flag(tmp_path):
+    from edge_fslm.cli import cli_spelling
+    from edge_fslm.errors import EdgeFSLMError
+    from edge_fslm.ray import check_address, connect
+
+    with pytest.raises(EdgeFSLMError) as exc:
+        check_address("ray://host:")
+    assert str(exc.value) == "ray address=ray://host:: expected auto, local, HOST:PORT or ray://HOST:PORT"
+    with pytest.raises(EdgeFSLMError) as exc:
+        connect(f"127.0.0.1:{free_port()}")
+    api = str(exc.value)
+    assert "--ray" not in api and api.endswith("or use the address local")
+    assert cli_spelling(api).startswith("--ray 127.0.0.1:") and cli_spelling(api).endswith("or pass --ray local")
+
+
 def test_a_stack_a_worker_cannot_resolve_is_one_clear_line(cluster, prompts_file, tmp_path):
     address, env = cluster
     bad = tmp_path / "bad.toml"
