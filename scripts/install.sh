@@ -9,7 +9,8 @@
 # caches the wheel. Two things make that build crash on some machines, and both are
 # handled here:
 #  * CPUs that advertise Intel AMX inside VMs that do not actually run it: a -march=native
-#    build then dies in ggml_backend_amx_mul_mat. We compile AMX out when it is advertised.
+#    build then dies in ggml_backend_amx_mul_mat. scripts/llama-cmake-args.sh compiles AMX
+#    out when it is advertised (and says what else this CPU needs: nothing, on a Pi).
 #  * pip's wheel cache ignores CMAKE_ARGS, so a wheel cached from an earlier build may not
 #    match this machine. After installing we decode one token in a subprocess; if that
 #    crashes we rebuild llama-cpp-python from source without the cache.
@@ -24,10 +25,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
-if [ "$(uname -s)" = Linux ] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
-  amx_off="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS=\"$amx_off\" -DCMAKE_CXX_FLAGS=\"$amx_off\""
-  echo "install: this CPU advertises AMX; building llama.cpp without it (CMAKE_ARGS=$CMAKE_ARGS)"
+if [ "$(uname -s)" = Linux ]; then
+  cpu_args=$(scripts/llama-cmake-args.sh)  # its reasons go to stderr
+  if [ -n "$cpu_args" ]; then
+    export CMAKE_ARGS="${CMAKE_ARGS:-} $cpu_args"
+    echo "install: CMAKE_ARGS=$CMAKE_ARGS"
+  fi
 fi
 
 target="."
