@@ -919,11 +919,10 @@ def _check_hparams(info: GGUFInfo) -> None:
 
 
 def _check_chat_templates(info: GGUFInfo) -> None:
-    """Compile (never render) every chat template llama-cpp-python will compile when it loads the model.
+    """Parse (never render) every chat template in the file, in the sandbox stages render in.
 
-    ``Llama()`` builds a Jinja formatter for ``tokenizer.chat_template`` and each
-    ``tokenizer.chat_template.NAME``; one that does not parse raises out of the constructor.
-    The same sandboxed environment is used here, so nothing in the template runs.
+    One that does not parse is refused here, naming its key, rather than failing a stage
+    later. Parsing runs nothing in the template and folds no constants.
     """
     keys = [k for k in info.metadata if k == gguf.Keys.Tokenizer.CHAT_TEMPLATE
             or k.startswith(gguf.Keys.Tokenizer.CHAT_TEMPLATE + ".")]
@@ -946,23 +945,12 @@ _JINJA_ENV: Any = None
 
 
 def _jinja_env() -> Any:
-    """A sandboxed Jinja environment configured like llama-cpp-python's Jinja2ChatFormatter."""
+    """The sandbox stages render chat templates in (chat_template.py), here only to parse them."""
     global _JINJA_ENV
     if _JINJA_ENV is None:
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from .chat_template import environment
 
-        class _Generation(jinja2.ext.Extension):  # HF's {% generation %} tag, as llama-cpp-python allows
-            tags = {"generation"}
-
-            def parse(self, parser: Any) -> Any:
-                parser.stream.skip(1)
-                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-        _JINJA_ENV = ImmutableSandboxedEnvironment(
-            loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
-            extensions=[_Generation, jinja2.ext.loopcontrols],
-        )
+        _JINJA_ENV = environment()
     return _JINJA_ENV
 
 

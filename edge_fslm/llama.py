@@ -13,7 +13,9 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Sequence
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .errors import EdgeFSLMError
 
@@ -43,6 +45,37 @@ def lib():
         _LOG["callback"] = _log  # keep a reference: llama.cpp holds a raw pointer to it
         llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
     return llama_cpp
+
+
+class _InertFormatter:
+    """Stands in for llama-cpp-python's Jinja2ChatFormatter while ``Llama()`` runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def to_chat_handler(self) -> None:
+        return None
+
+
+_FORMATTER_LOCK = threading.Lock()
+
+
+@contextmanager
+def without_chat_handlers() -> Iterator[None]:
+    """``Llama()`` compiles every chat template in the file for ``create_chat_completion``, in a
+    Jinja environment that folds constants: ``{{ 'x' * 10**10 }}`` allocates 10 GB at load. The
+    runtime never calls that API (stages render with chat_template.py, which is bounded), so
+    during the constructor the formatter it builds is an inert one.
+    """
+    import llama_cpp.llama_chat_format as chat_format
+
+    with _FORMATTER_LOCK:
+        real = chat_format.Jinja2ChatFormatter
+        chat_format.Jinja2ChatFormatter = _InertFormatter
+        try:
+            yield
+        finally:
+            chat_format.Jinja2ChatFormatter = real
 
 
 def set_verbose(verbose: bool) -> None:

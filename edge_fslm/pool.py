@@ -246,21 +246,22 @@ class ModelPool:
         kv_type = effective_kv_type(model.info, s.kv_cache_type)
         t0 = time.perf_counter()
         try:
-            llm = Llama(
-                model_path=str(model.path),
-                n_ctx=s.ctx_size,
-                n_batch=min(s.batch_size, s.ctx_size),
-                n_ubatch=min(s.batch_size, s.ctx_size),
-                flash_attn=s.flash_attn,
-                type_k=llama.GGML_TYPES[kv_type],
-                type_v=llama.GGML_TYPES[kv_type],
-                n_threads=s.threads,
-                n_threads_batch=s.threads,
-                n_gpu_layers=s.gpu_layers,
-                use_mmap=s.mmap,
-                seed=s.seed,
-                verbose=s.verbose,
-            )
+            with llama.without_chat_handlers():
+                llm = Llama(
+                    model_path=str(model.path),
+                    n_ctx=s.ctx_size,
+                    n_batch=min(s.batch_size, s.ctx_size),
+                    n_ubatch=min(s.batch_size, s.ctx_size),
+                    flash_attn=s.flash_attn,
+                    type_k=llama.GGML_TYPES[kv_type],
+                    type_v=llama.GGML_TYPES[kv_type],
+                    n_threads=s.threads,
+                    n_threads_batch=s.threads,
+                    n_gpu_layers=s.gpu_layers,
+                    use_mmap=s.mmap,
+                    seed=s.seed,
+                    verbose=s.verbose,
+                )
         except (ValueError, RuntimeError, UnicodeDecodeError) as exc:  # llama-cpp-python: ValueError on NULL
             raise GGUFError(
                 f"{model.path}: llama.cpp could not load this model ({exc}) — run with -v for llama.cpp's log"

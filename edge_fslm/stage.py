@@ -1,8 +1,8 @@
 """One stage: build its prompt, generate, and apply its stop rules.
 
 A stage's output is plain text: stripped, cut at the first stop string, and never more
-than ``max_tokens`` tokens. Chat prompts use the model's own chat template, rendered by
-llama-cpp-python's sandboxed Jinja formatter, so a hostile template cannot run code.
+than ``max_tokens`` tokens. Chat prompts use the model's own chat template, rendered in a sandbox with a time and
+size bound (chat_template.py), so a hostile template can neither run code nor hang a run.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Generation:
 def _formatter(lm: LoadedModel, stage: StageSpec):
     fmt = lm.chat_formatter
     if fmt is None:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        from .chat_template import ChatTemplate
 
         template = lm.model.info.chat_template
         if not template:
@@ -48,7 +48,7 @@ def _formatter(lm: LoadedModel, stage: StageSpec):
         eos = llama.token_text(lm.llm, lm.llm.token_eos()) if lm.llm.token_eos() >= 0 else ""
         bos = llama.token_text(lm.llm, lm.llm.token_bos()) if lm.llm.token_bos() >= 0 else ""
         try:
-            fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
+            fmt = ChatTemplate(template=template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
         except Exception as exc:  # jinja2 syntax errors in a file we did not write
             raise GGUFError(f"{lm.model.path}: chat template does not parse ({exc}) — use a raw `template` stage") from None
         lm.chat_formatter = fmt
@@ -62,7 +62,7 @@ def render_prompt(lm: LoadedModel, stage: StageSpec, values: dict[str, str]) -> 
     assert stage.messages is not None
     messages = [{"role": m.role, "content": m.content.render(values)} for m in stage.messages]
     try:
-        return _formatter(lm, stage)(messages=messages).prompt
+        return _formatter(lm, stage).render(messages)
     except (GGUFError, ManifestError):
         raise
     except Exception as exc:  # the template raised (raise_exception) or misbehaved

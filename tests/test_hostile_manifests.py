@@ -85,12 +85,12 @@ HOSTILE_TEMPLATES = {
 
 @pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
 def test_jinja_formatter_is_sandboxed(name):
-    """llama-cpp-python's formatter (what stage.py renders with) refuses object-graph access."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    """The chat template renderer (what stage.py renders with) refuses object-graph access."""
+    from edge_fslm.chat_template import ChatTemplate
 
-    fmt = Jinja2ChatFormatter(template=HOSTILE_TEMPLATES[name], eos_token="</s>", bos_token="<s>")
+    fmt = ChatTemplate(template=HOSTILE_TEMPLATES[name], eos_token="</s>", bos_token="<s>")
     with pytest.raises(jinja2.exceptions.SecurityError):
-        fmt(messages=[{"role": "user", "content": "hi"}])
+        fmt.render([{"role": "user", "content": "hi"}])
 
 
 @pytest.fixture(scope="module")

