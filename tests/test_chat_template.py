@@ -100,3 +100,18 @@ def test_a_hostile_template_in_a_gguf_is_one_clean_line(name, tmp_path):
     t0 = time.perf_counter()
     err = assert_clean_refusal(cli("run", "hello", "--stack", str(m), timeout=60), model.name, "chat template")
     assert time.perf_counter() - t0 < 30, err
+
+
+def test_a_template_that_would_fold_into_gigabytes_does_not_touch_a_load(tmp_path):
+    """llama-cpp-python's Llama() compiled every template in the file, folding 'x' * 10**10 into
+    a 10 GB constant before any stage ran. A raw-template stage never renders the chat template,
+    so this run must simply work, in little memory."""
+    import json
+
+    model = write_tiny_llama(tmp_path / "fold.gguf", chat_template=HOSTILE["repeat"])
+    m = tmp_path / "raw.toml"
+    m.write_text(f'[stack]\nname = "x"\n[models.m]\nsource = "{model}"\n[[stages]]\nname = "a"\nmax_tokens = 4\n'
+                 'template = "{input}"\n')
+    r = cli("run", "hello", "--stack", str(m), "--json", timeout=60)
+    assert r.returncode == 0, r.err
+    assert json.loads(r.stdout)["peak_rss_bytes"] < 1 << 30
