@@ -13,7 +13,9 @@ Rows (the baseline, the single base model, is measured in the same run):
 
 The last three need the chunked models (``edge-fslm assemble --list``); pass them with
 ``--systems``. For the fine-tuned stack against answer-only and against single, the paired
-wins, losses and z (a sign test on the questions where exactly one is right) are printed.
+wins, losses and z (a sign test on the questions where exactly one is right) are printed, and
+on Alpaca the mean ROUGE-L difference on the same rows with its paired z. With the teacher's
+row, the share of the single model's ARC-Easy gap to the teacher that the stack closes.
 
 Columns: ARC-Easy and ARC-Challenge validation acc / acc_norm (the final stage scores each
 choice after the earlier stages wrote notes on the question), held-out Alpaca ROUGE-L (the
@@ -22,7 +24,9 @@ mean latency per Alpaca prompt and peak RSS (each cell runs ``edge-fslm eval`` i
 process, so peak RSS is that process's). Also the training cost of each adapter.
 
 Each cell is cached in ``benchmarks/results/fslm_quality/`` so a long run can be resumed;
-``--fresh`` recomputes. The data folder is ``../shared/data`` (``--data-dir``).
+``--fresh`` recomputes, and ``--cached-only`` computes nothing: it prints the table from
+the cells already cached, with '-' where one is missing. The data folder is ``../shared/data``
+(``--data-dir``).
 
     python benchmarks/fslm_quality.py [--arc-limit N] [--arc-challenge-limit N] [--instruct-limit 100] [--threads 2]
 """
@@ -99,6 +103,19 @@ def paired(a: list[dict], b: list[dict]) -> dict:
     return {"wins": wins, "losses": losses, "z": z, "n": len(both)}
 
 
+def paired_rouge(a: list[dict], b: list[dict]) -> dict:
+    """System a against b on the Alpaca rows both answered: mean ROUGE-L difference, its paired
+    z (mean over its standard error), and the rows where a scored higher and lower."""
+    import statistics
+
+    other = {r["id"]: r["rougeL"] for r in b}
+    diffs = [r["rougeL"] - other[r["id"]] for r in a if r["id"] in other]
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    mean = statistics.fmean(diffs) if diffs else 0.0
+    return {"mean_diff": mean, "z": mean / (sd / len(diffs) ** 0.5) if sd else 0.0, "n": len(diffs),
+            "higher": sum(d > 0 for d in diffs), "lower": sum(d < 0 for d in diffs)}
+
+
 def answer_only_manifest() -> Path:
     """Written under build/ at run time: it names this checkout's adapter by absolute path."""
     path = ROOT / "build" / "fslm_quality" / "answer-adapter-only.toml"
@@ -108,11 +125,13 @@ def answer_only_manifest() -> Path:
     return path
 
 
-def cell(system: str, task: str, data: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+def cell(system: str, task: str, data: Path, args: argparse.Namespace, extra: list[str]) -> dict | None:
     n = extra[extra.index("--limit") + 1] if "--limit" in extra else "all"
     out = CELLS / f"{system}-{task}-{n}.json"  # the limit is in the name: a cell is reused only for the same rows
     if out.is_file() and not args.fresh:
         return json.loads(out.read_text())
+    if args.cached_only:
+        return None
     CELLS.mkdir(parents=True, exist_ok=True)
     kind = "instruct" if task == "alpaca" else "arc"
     cmd = [sys.executable, "-m", "edge_fslm.cli", "eval", kind, *SYSTEMS[system], "--data", str(data),
@@ -138,6 +157,8 @@ def main() -> None:
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help="also: answer-only, oracle, qwen-0.5b, teacher (see above)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached cells")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="compute nothing: the table from the cells already cached, '-' where one is missing")
     args = ap.parse_args()
     def limit(n: int | None) -> list[str]:
         return ["--limit", str(n)] if n else []
@@ -162,23 +183,28 @@ def main() -> None:
 
     def row(s: str) -> dict:
         r = results[s]
+        e, c, a = r["arc-easy"] or {}, r["arc-challenge"] or {}, r["alpaca"] or {}
         return {
-            "arc_easy_acc": r["arc-easy"]["acc"], "arc_easy_acc_norm": r["arc-easy"]["acc_norm"],
-            "arc_easy_n": r["arc-easy"]["n"],
-            "arc_challenge_acc": r["arc-challenge"]["acc"], "arc_challenge_acc_norm": r["arc-challenge"]["acc_norm"],
-            "arc_challenge_n": r["arc-challenge"]["n"],
-            "alpaca_rouge_l": r["alpaca"]["rougeL"], "alpaca_rouge_1": r["alpaca"]["rouge1"],
-            "alpaca_n": r["alpaca"]["n"],
-            "latency_s_per_prompt": r["alpaca"]["mean_seconds"],
-            "peak_rss_mb": max(r[t]["peak_rss_bytes"] for t in r) / 1e6,
+            "arc_easy_acc": e.get("acc"), "arc_easy_acc_norm": e.get("acc_norm"), "arc_easy_n": e.get("n"),
+            "arc_challenge_acc": c.get("acc"), "arc_challenge_acc_norm": c.get("acc_norm"),
+            "arc_challenge_n": c.get("n"),
+            "alpaca_rouge_l": a.get("rougeL"), "alpaca_rouge_1": a.get("rouge1"), "alpaca_n": a.get("n"),
+            "latency_s_per_prompt": a.get("mean_seconds"),
+            "peak_rss_mb": max((r[t]["peak_rss_bytes"] for t in r if r[t]), default=0) / 1e6 or None,
         }
 
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
     rows = {s: row(s) for s in systems}
+    metrics = ["arc_easy_acc", "arc_easy_acc_norm", "arc_challenge_acc", "arc_challenge_acc_norm", "alpaca_rouge_l"]
     head = ["system", "ARC-E acc", "ARC-E acc_norm", "ARC-C acc", "ARC-C acc_norm", "Alpaca ROUGE-L",
             "s/prompt", "peak RSS MB"]
-    print(table([[s, f"{r['arc_easy_acc']:.3f}", f"{r['arc_easy_acc_norm']:.3f}", f"{r['arc_challenge_acc']:.3f}",
-                  f"{r['arc_challenge_acc_norm']:.3f}", f"{r['alpaca_rouge_l']:.3f}",
-                  f"{r['latency_s_per_prompt']:.2f}", f"{r['peak_rss_mb']:.0f}"] for s, r in rows.items()], head))
+    print(table([[s, *(fmt(r[k], ".3f") for k in metrics), fmt(r["latency_s_per_prompt"], ".2f"),
+                  fmt(r["peak_rss_mb"], ".0f")] for s, r in rows.items()], head))
+    missing = [f"{s} / {t}" for s in systems for t in tasks if results[s][t] is None]
+    if missing:
+        print(f"not measured (no cached cell): {', '.join(missing)}")
     base = rows.get("single")
     deltas = {}
     if base:
@@ -187,34 +213,65 @@ def main() -> None:
         for s, r in rows.items():
             if s == "single":
                 continue
-            d = {k: 100 * (r[k] - base[k]) for k in ("arc_easy_acc", "arc_easy_acc_norm", "arc_challenge_acc",
-                                                     "arc_challenge_acc_norm", "alpaca_rouge_l")}
-            d["latency_ratio"] = r["latency_s_per_prompt"] / base["latency_s_per_prompt"]
-            d["peak_rss_ratio"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+
+            def diff(k: str, scale: float = 100) -> float | None:
+                return None if r[k] is None or base[k] is None else scale * (r[k] - base[k])
+
+            def ratio(k: str) -> float | None:
+                return None if r[k] is None or not base[k] else r[k] / base[k]
+
+            d = {k: diff(k) for k in metrics}
+            d["latency_ratio"] = ratio("latency_s_per_prompt")
+            d["peak_rss_ratio"] = ratio("peak_rss_mb")
             deltas[s] = d
-            drows.append([s] + [f"{d[k]:+.1f}" for k in list(d)[:5]]
-                         + [f"{d['latency_ratio']:.2f}x", f"{d['peak_rss_ratio']:.2f}x"])
+            drows.append([s] + [fmt(d[k], "+.1f") for k in metrics]
+                         + [fmt(d["latency_ratio"], ".2f") + "x" * (d["latency_ratio"] is not None),
+                            fmt(d["peak_rss_ratio"], ".2f") + "x" * (d["peak_rss_ratio"] is not None)])
         print(table(drows, head))
+    gap = None
+    teacher = rows.get("teacher")
+    if base and teacher and "fine-tuned" in rows and None not in (teacher["arc_easy_acc"], base["arc_easy_acc"]):
+        stack = rows["fine-tuned"]
+        span = teacher["arc_easy_acc"] - base["arc_easy_acc"]
+        gap = {"closed": (stack["arc_easy_acc"] - base["arc_easy_acc"]) / span if span > 0 else None,
+               "peak_rss_vs_teacher": stack["peak_rss_mb"] / teacher["peak_rss_mb"]}
+        print(f"\nARC-Easy gap from the single model to the teacher closed by the stack: "
+              f"{fmt(gap['closed'] and 100 * gap['closed'], '.0f')}% (goal ≥ 50%), at "
+              f"{gap['peak_rss_vs_teacher']:.3f}x the teacher's peak RSS (goal ≤ 1/6 = 0.167x)")
     pairs = {}
     for other in ("answer-only", "single"):
         if "fine-tuned" in results and other in results:
             for t in ("arc-easy", "arc-challenge"):
+                if results["fine-tuned"][t] is None or results[other][t] is None:
+                    continue
                 pairs[f"fine-tuned vs {other} / {t}"] = paired(results["fine-tuned"][t]["records"],
                                                               results[other][t]["records"])
     if pairs:
         print("\npaired, on the same questions (z ≥ 1.96: significant at 5%):")
         print(table([[k, v["n"], v["wins"], v["losses"], f"{v['z']:+.2f}"] for k, v in pairs.items()],
                     ["comparison", "questions", "wins", "losses", "z"]))
+    rouge_pairs = {}
+    for other in ("answer-only", "single"):
+        if "fine-tuned" in results and other in results and results["fine-tuned"]["alpaca"] and results[other]["alpaca"]:
+            rouge_pairs[f"fine-tuned vs {other} / alpaca"] = paired_rouge(results["fine-tuned"]["alpaca"]["records"],
+                                                                        results[other]["alpaca"]["records"])
+    if rouge_pairs:
+        print("\npaired on the same Alpaca rows (ROUGE-L; z ≥ 1.96: significant at 5%):")
+        print(table([[k, v["n"], f"{100 * v['mean_diff']:+.2f}", v["higher"], v["lower"], f"{v['z']:+.2f}"]
+                     for k, v in rouge_pairs.items()], ["comparison", "rows", "mean diff (points)", "higher",
+                                                          "lower", "z"]))
     training = json.loads(TRAINING.read_text()) if TRAINING.is_file() else None
     if training:
         print("\ntraining cost per stage (this CPU):")
         print(table([[s["stage"], s["examples"], s["steps"], s["tokens"], s["target_tokens"], f"{s['seconds']:.0f}",
                       f"{s['first_loss']:.2f} → {s['last_loss']:.2f}"] for s in training["stages"]],
                     ["stage", "examples", "steps", "tokens", "target tokens", "seconds", "loss"]))
-    path = write_result("fslm_quality", {"rows": rows, "vs_single": deltas, "paired": pairs, "training": training,
+    path = write_result("fslm_quality", {"rows": rows, "vs_single": deltas, "paired": pairs, "paired_alpaca": rouge_pairs, "teacher_gap": gap,
+                                         "training": training,
                                          "instruct_limit": args.instruct_limit, "arc_limit": args.arc_limit,
                                          "arc_challenge_limit": args.arc_challenge_limit,
-                                         "cells": {s: {t: {k: v for k, v in c.items() if k != "records"}
+                                         "not_measured": missing,
+                                         "cells": {s: {t: c and {k: v for k, v in c.items() if k != "records"}
                                                        for t, c in r.items()} for s, r in results.items()}})
     print(f"\nwrote {path}")
 
