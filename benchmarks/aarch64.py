@@ -63,6 +63,18 @@ def _run_json(cmd: list[str], timeout: float) -> dict:
     return {"rc": 0, "seconds": seconds, **json.loads(out)}
 
 
+_BASELINE = ("import resource, llama_cpp, edge_fslm.api, edge_fslm.cli; "
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+
+
+def baseline_rss(timeout: float) -> int | None:
+    """Peak RSS of a process that imports the runtime and llama.cpp and loads no model. Under
+    qemu-user this includes the emulator's own memory, so the difference of the two machines'
+    baselines is what emulation (and the platform's libraries) add before any model."""
+    rc, out, err, _ = _run([sys.executable, "-c", _BASELINE], timeout)
+    return int(out.strip().splitlines()[-1]) if rc == 0 else None
+
+
 def probe(max_tokens: int, timeout: float) -> dict:
     """Everything the comparison needs from one machine, measured by its own CLI."""
     from edge_fslm.rss import machine_info
@@ -74,6 +86,7 @@ def probe(max_tokens: int, timeout: float) -> dict:
         "machine": machine_info(),
         "max_tokens": max_tokens,
         "selftest": {"rc": rc, "output": (out + err).strip(), "seconds": seconds},
+        "baseline_rss_bytes": baseline_rss(timeout),
         "answers": [],
         "memory": [],
     }
@@ -140,8 +153,15 @@ def compare(arm: dict, x86: dict) -> dict:
                          "planner_error": (pred - peak) / peak if pred and peak else None}
         pa, px = row["aarch64"]["peak_rss_mb"], row["x86"]["peak_rss_mb"]
         row["rss_ratio"] = pa / px if pa and px else None
+        ba, bx = arm.get("baseline_rss_bytes"), x86.get("baseline_rss_bytes")
+        if pa and px and ba and bx:  # what the run adds above a process that loaded no model
+            row["above_baseline_mb"] = {"aarch64": pa - ba / 1e6, "x86": px - bx / 1e6}
+            row["above_baseline_ratio"] = (pa - ba / 1e6) / (px - bx / 1e6)
         memory.append(row)
-    return {"answers": answers, "identical": sum(a["identical"] for a in answers), "memory": memory}
+    base = {"aarch64_mb": (arm.get("baseline_rss_bytes") or 0) / 1e6 or None,
+            "x86_mb": (x86.get("baseline_rss_bytes") or 0) / 1e6 or None}
+    return {"answers": answers, "identical": sum(a["identical"] for a in answers), "baseline": base,
+            "memory": memory}
 
 
 def main() -> None:
@@ -151,12 +171,20 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each command")
+    b = sub.add_parser("baseline", help="add the no-model baseline RSS to a probe made without it")
+    b.add_argument("--into", type=Path, required=True)
     c = sub.add_parser("compare", help="probe this machine too and write benchmarks/results/aarch64.json")
     c.add_argument("--aarch64", type=Path, required=True, help="the probe written inside the arm64 root")
     c.add_argument("--x86", type=Path, help="an x86 probe already made (default: run it now)")
     c.add_argument("--build", type=Path, help="the cross build's record (from scripts/aarch64-check.sh)")
     args = ap.parse_args()
 
+    if args.cmd == "baseline":
+        data = json.loads(args.into.read_text())
+        data["baseline_rss_bytes"] = baseline_rss(600)
+        args.into.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"baseline peak RSS {data['baseline_rss_bytes']} bytes → {args.into}")
+        return
     if args.cmd == "probe":
         args.out.write_text(json.dumps(probe(args.max_tokens, args.timeout), indent=2) + "\n")
         print(f"wrote {args.out}")
@@ -182,10 +210,16 @@ def main() -> None:
     def err(v: float | None) -> str:
         return f"{100 * v:+.1f}%" if v is not None else "-"
 
+    def ratio(v: float | None) -> str:
+        return f"{v:.2f}x" if v else "-"
+
+    print(f"no-model baseline (imports only): x86 {mb(cmp['baseline']['x86_mb'])} MB, "
+          f"aarch64 under qemu {mb(cmp['baseline']['aarch64_mb'])} MB")
     print(table([[m["stack"], m["ctx_size"], mb(m["x86"]["peak_rss_mb"]), mb(m["aarch64"]["peak_rss_mb"]),
-                  f"{m['rss_ratio']:.2f}x" if m["rss_ratio"] else "-",
+                  ratio(m["rss_ratio"]), ratio(m.get("above_baseline_ratio")),
                   err(m["x86"]["planner_error"]), err(m["aarch64"]["planner_error"])] for m in cmp["memory"]],
-                ["stack", "ctx", "x86 peak MB", "aarch64 peak MB", "aarch64/x86", "plan err x86", "plan err aarch64"]))
+                ["stack", "ctx", "x86 peak MB", "aarch64 peak MB", "aarch64/x86", "above baseline",
+                 "plan err x86", "plan err aarch64"]))
     path = write_result("aarch64", {"build": build, "aarch64": arm, "x86": x86, "comparison": cmp})
     print(f"\nwrote {path}")
 

@@ -93,9 +93,9 @@ if ! ls "$WHEELS"/llama_cpp_python-*aarch64.whl >/dev/null 2>&1; then
   done
   "$WORK/host-venv/bin/wheel" tags --platform-tag linux_aarch64 --remove "$WHEELS"/x/*.whl >/dev/null
   mv "$WHEELS"/x/*aarch64.whl "$WHEELS/" && rm -rf "$WHEELS/x"
-  printf '{"pi": %s, "march": "%s", "cmake_args": "%s", "seconds": %s, "compiler": "%s", "host_cores": %s}\n' \
+  printf '{"pi": %s, "march": "%s", "cmake_args": "%s", "seconds": %s, "compiler": "%s", "host_cores": %s, "qemu": "%s"}\n' \
     "$PI" "$ARCH_FLAGS" "$(echo $CMAKE_ARGS | tr -s ' ')" "$seconds" \
-    "$(aarch64-linux-gnu-gcc --version | head -1)" "$(nproc)" >"$BUILD_JSON"
+    "$(aarch64-linux-gnu-gcc --version | head -1)" "$(nproc)" "$(qemu-aarch64-static --version | head -1)" >"$BUILD_JSON"
   say "built $(basename "$WHEELS"/*.whl) in ${seconds} s"
 fi
 
@@ -121,4 +121,5 @@ cp "$ROOT/tmp/aarch64-probe.json" "$WORK/probe-pi$PI.json"
 # 6. The same probe on this machine, and the comparison.
 PY="$REPO/.venv/bin/python"
 [ -x "$PY" ] || die "no x86 install at $REPO/.venv: run scripts/install.sh first"
-"$PY" benchmarks/aarch64.py compare --aarch64 "$WORK/probe-pi$PI.json" --build "$BUILD_JSON"
+"$PY" benchmarks/aarch64.py probe --out "$WORK/probe-x86.json"
+"$PY" benchmarks/aarch64.py compare --aarch64 "$WORK/probe-pi$PI.json" --x86 "$WORK/probe-x86.json" --build "$BUILD_JSON"
