@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from edge_fslm.chat_template import MAX_RENDER_CHARS, ChatTemplate, TemplateLimitError
-from edge_fslm.testing.hostile import assert_clean_refusal, cli, write_tiny_llama
+from edge_fslm.testing.hostile import assert_clean_refusal, cli, stack_for, write_tiny_llama
 
 MESSAGES = [
     [{"role": "user", "content": "Why is the sky blue?"}],
@@ -94,9 +94,7 @@ def test_the_tracer_in_place_before_a_render_is_put_back():
 def test_a_hostile_template_in_a_gguf_is_one_clean_line(name, tmp_path):
     """End to end: `edge-fslm run` on a model whose template spins or allocates ends in one error line."""
     model = write_tiny_llama(tmp_path / f"{name}.gguf", chat_template=HOSTILE[name])
-    m = tmp_path / "chat.toml"
-    m.write_text(f'[stack]\nname = "x"\n[models.m]\nsource = "{model}"\n[[stages]]\nname = "a"\nmax_tokens = 4\n'
-                 'messages = [{ role = "user", content = "{input}" }]\n')
+    m = stack_for(tmp_path, model, chat=True)
     t0 = time.perf_counter()
     err = assert_clean_refusal(cli("run", "hello", "--stack", str(m), timeout=60), model.name, "chat template")
     assert time.perf_counter() - t0 < 30, err
@@ -109,9 +107,7 @@ def test_a_template_that_would_fold_into_gigabytes_does_not_touch_a_load(tmp_pat
     import json
 
     model = write_tiny_llama(tmp_path / "fold.gguf", chat_template=HOSTILE["repeat"])
-    m = tmp_path / "raw.toml"
-    m.write_text(f'[stack]\nname = "x"\n[models.m]\nsource = "{model}"\n[[stages]]\nname = "a"\nmax_tokens = 4\n'
-                 'template = "{input}"\n')
+    m = stack_for(tmp_path, model)  # a raw-template stage: the chat template is never rendered
     r = cli("run", "hello", "--stack", str(m), "--json", timeout=60)
     assert r.returncode == 0, r.err
     assert json.loads(r.stdout)["peak_rss_bytes"] < 1 << 30

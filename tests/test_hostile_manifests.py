@@ -127,9 +127,7 @@ def test_render_prompt_turns_sandbox_violations_into_gguf_errors(name, tiny_load
 def test_hostile_chat_template_in_a_gguf_via_cli(name, tmp_path):
     """End to end: a model whose own chat template tries to escape; the run ends in one clean line."""
     model = write_tiny_llama(tmp_path / f"{name}.gguf", chat_template=HOSTILE_TEMPLATES[name])
-    m = tmp_path / "chat.toml"
-    m.write_text(f'[stack]\nname = "x"\n[models.m]\nsource = "{model}"\n[[stages]]\nname = "a"\nmax_tokens = 4\n'
-                 'messages = [{ role = "user", content = "{input}" }]\n')
+    m = stack_for(tmp_path, model, chat=True)
     assert_clean_refusal(cli("run", "hello", "--stack", str(m), cwd=tmp_path), model.name, "unsafe")
     assert not (tmp_path / "PWNED").exists()
 

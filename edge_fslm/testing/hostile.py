@@ -420,11 +420,16 @@ def _truncate_file(path: Path, fraction: float) -> Path:
 
 
 def stack_for(folder: Path, model: Path, adapter: Path | None = None, *, template: str = "{input}",
-              max_tokens: int = 4, ctx_size: int = 256, name: str = "stack.toml") -> Path:
-    """A one-stage manifest (the user's own file) running ``model``, with ``adapter`` if given."""
+              chat: bool = False, max_tokens: int = 4, ctx_size: int = 256, name: str = "stack.toml") -> Path:
+    """A one-stage manifest (the user's own file) running ``model``, with ``adapter`` if given.
+
+    With ``chat`` the stage is one user message holding ``template``, rendered by the model's own
+    chat template; otherwise ``template`` is the raw prompt.
+    """
+    prompt = (f"messages = [{{ role = \"user\", content = {_toml_str(template)} }}]" if chat
+              else f"template = {_toml_str(template)}")
     lines = ["[stack]", 'name = "hostile"', "[runtime]", f"ctx_size = {ctx_size}", "[models.m]",
-             f"source = {_toml_str(str(model))}", "[[stages]]", 'name = "a"', f"max_tokens = {max_tokens}",
-             f"template = {_toml_str(template)}"]
+             f"source = {_toml_str(str(model))}", "[[stages]]", 'name = "a"', f"max_tokens = {max_tokens}", prompt]
     if adapter is not None:
         lines.append(f"adapter = {_toml_str(str(adapter))}")
     p = folder / name
