@@ -114,6 +114,7 @@ class Stack:
         gpu_layers: int | None = None,
         mmap: bool | None = None,
         seed: int | None = None,
+        flash_attn: bool | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         budget: str | int | None = None,
@@ -137,8 +138,8 @@ class Stack:
         """
         manifest, models, adapters, plan = prepare_stack(
             stack, budget=budget, policy=policy, offline=offline, strict=strict, ctx_size=ctx_size, threads=threads,
-            batch_size=batch_size, gpu_layers=gpu_layers, mmap=mmap, seed=seed, max_tokens=max_tokens,
-            temperature=temperature,
+            batch_size=batch_size, gpu_layers=gpu_layers, mmap=mmap, seed=seed, flash_attn=flash_attn,
+            max_tokens=max_tokens, temperature=temperature,
         )
         return cls.from_prepared(manifest, models, adapters, plan, verbose=verbose, measure_rss=measure_rss,
                                  preload=preload, pool=pool)

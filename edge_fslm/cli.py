@@ -25,7 +25,7 @@ from .progress import ProgressBar
 from .units import fmt_bytes
 
 MAX_STDIN_BYTES = 64 << 20  # far beyond any context; reading stops here
-DEFAULT_PARALLEL = 1  # batch mode: prompts per stage decoded together; >1 is faster but not bit-identical
+DEFAULT_PARALLEL = 1  # batch mode: prompts per stage decoded together; >1 is exact only with flash attention off
 
 
 class _ClosedStdout(io.TextIOBase):
@@ -147,6 +147,10 @@ def _print_trace(trace) -> None:
         click.echo(f"  {line}", err=True)
 
 
+def _on_off(value: str | None) -> bool | None:
+    return None if value is None else value == "on"
+
+
 def _runtime_options(f):
     opts = [
         click.option("--stack", "-s", "stack", default="fslm-smollm2", show_default=True,
@@ -156,6 +160,8 @@ def _runtime_options(f):
         click.option("--gpu-layers", "-ngl", "gpu_layers", type=int,
                      help="Layers to offload to Metal/CUDA builds of llama.cpp (default 0: CPU)."),
         click.option("--seed", type=int, help="Sampling seed (only matters with --temperature > 0)."),
+        click.option("--flash-attn", "-fa", "flash_attn", type=click.Choice(["on", "off"]),
+                     help="Flash attention (default: the manifest's, on). Off makes --parallel batches exact."),
         click.option("--budget", "-b", help="Peak-RSS budget for the whole process: 300MB, 1.5GiB, or 40% of available RAM."),
         click.option("--policy", type=click.Choice(POLICIES),
                      help="Residency policy (default: the planner chooses)."),
@@ -182,15 +188,16 @@ def _runtime_options(f):
 @click.option("--output", "-o", "output_path", type=click.Path(dir_okay=False),
               help="Batch mode: results JSONL, appended as prompts finish; re-run to resume.")
 @click.option("--parallel", "-np", "parallel", type=click.IntRange(1, 64), default=DEFAULT_PARALLEL, show_default=True,
-              help="Batch mode: prompts of one stage decoded together (faster; answers can differ slightly"
-                   " from one-at-a-time runs; fewer if the budget is tight).")
+              help="Batch mode: prompts of one stage decoded together (faster; fewer if the budget is tight)."
+                   " With --flash-attn off the answers are identical to one-at-a-time runs.")
 @click.option("--ray", "ray_address", metavar="ADDRESS",
               help="Batch mode on a Ray cluster: auto, ray://host:10001, or local ([ray] extra). -t is per actor.")
 @click.option("--ray-actors", type=click.IntRange(1, 100000),
               help="Actors (one stack each) for --ray (default: the cluster's CPUs / threads).")
 @click.option("--ray-shard-size", type=click.IntRange(1, 100000), default=16, show_default=True,
               help="Prompts per shard for --ray: the unit that is retried, saved and resumed.")
-def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, strict, verbose, max_tokens,
+def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, policy, offline, strict, verbose,
+        max_tokens,
         temperature, trace, as_json, truncate, input_path, output_path, parallel, ray_address, ray_actors,
         ray_shard_size):
     """Run PROMPT through a stack and print the answer ('-' reads stdin).
@@ -201,6 +208,7 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offl
     """
     from .api import Stack
 
+    fa = _on_off(flash_attn)
     if ray_address and not input_path:
         raise click.UsageError("--ray runs batch mode: give --input and --output")
     if input_path or output_path:
@@ -210,15 +218,17 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, budget, policy, offl
             raise click.UsageError("give either a PROMPT or --input, not both")
         if ray_address:
             _run_batch_ray(stack, input_path, output_path, truncate, parallel, ray_address, ray_actors, ray_shard_size,
-                           threads, dict(ctx_size=ctx_size, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
+                           threads, dict(ctx_size=ctx_size, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
+                                         max_tokens=max_tokens,
                                 temperature=temperature, budget=budget, policy=policy, offline=offline, strict=strict))
             return
         _run_batch(stack, input_path, output_path, truncate, verbose, parallel,
-                   dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
+                   dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
+                        max_tokens=max_tokens,
                         temperature=temperature, budget=budget, policy=policy, offline=offline, strict=strict))
         return
     text = _read_prompt(prompt)
-    with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed,
+    with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
                     max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
                     strict=strict, verbose=verbose, preload=False) as st:  # load inside the run, so the trace shows what loading cost
         on_end = _print_trace if trace else None
@@ -249,6 +259,9 @@ def _run_batch(stack, input_path, output_path, truncate, verbose, parallel, opti
 
     read_inputs(input_path)  # fail on a bad input file before loading anything
     with Stack.load(stack, verbose=verbose, preload=False, **options) as st:
+        if parallel > 1 and st.settings.flash_attn:
+            click.echo("note: with flash attention on, a --parallel answer can differ from a one-at-a-time run;"
+                       " add --flash-attn off for identical ones", err=True)
         bar = ProgressBar("stage-major", show_item=True)
 
         def hint(todo: int, resumed: int) -> None:
@@ -329,8 +342,8 @@ def plan(stack, budget, ctx_size, batch_size, policy, offline, strict, as_json):
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False),
               help="Draw the RSS timeline and latency breakdown to a PNG (needs the [plot] extra).")
-def profile(stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline, strict, verbose, prompts_file,
-            max_tokens, output, plot):
+def profile(stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, policy, offline, strict, verbose,
+            prompts_file, max_tokens, output, plot):
     """Profile a stack: per-stage load, swap, TTFT, tokens/s, peak RSS, and an RSS timeline."""
     from .api import Stack
     from .profile import format_report, plot_report, profile_stack, read_prompts
@@ -342,8 +355,8 @@ def profile(stack, ctx_size, threads, gpu_layers, seed, budget, policy, offline,
         except ImportError:
             raise click.UsageError("--plot needs matplotlib: pip install 'edge-fslm[plot]'") from None
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
-                    budget=budget, policy=policy, offline=offline, strict=strict, verbose=verbose, preload=False,
-                    measure_rss=False) as st:
+                    flash_attn=_on_off(flash_attn), budget=budget, policy=policy, offline=offline, strict=strict,
+                    verbose=verbose, preload=False, measure_rss=False) as st:
         report = profile_stack(st, prompts)
     click.echo(format_report(report))
     if output:

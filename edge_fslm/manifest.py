@@ -144,6 +144,10 @@ class RuntimeSpec:
     budget: str | None = None
     prefix_cache: bool = True
     kv_cache_type: str = "f16"  # f16 | q8_0 | f32 (llama.cpp --cache-type-k/-v)
+    # llama.cpp's --flash-attn. On: a long prompt touches little compute memory. Off: a sequence
+    # decodes to the same logits alone and beside others (its CPU kernel for a lone query
+    # differs), which exact --parallel decoding needs; see benchmarks/batch_invariance.py.
+    flash_attn: bool = True
 
 
 @dataclass(frozen=True)
@@ -465,7 +469,7 @@ def _check_runtime(rt: dict[str, Any], where: str, problems: list[str]) -> Runti
                 problems.append(f"{where}: {key}: expected an integer from {lo} to {hi}, got {_show(val)}")
             else:
                 values[key] = val
-    for key in ("mmap", "prefix_cache"):
+    for key in ("mmap", "prefix_cache", "flash_attn"):
         if key in rt:
             if not isinstance(rt[key], bool):
                 problems.append(f"{where}: {key}: expected true or false, got {_show(rt[key])}")
@@ -476,6 +480,9 @@ def _check_runtime(rt: dict[str, Any], where: str, problems: list[str]) -> Runti
             problems.append(f"{where}: kv_cache_type: expected one of {', '.join(KV_CACHE_TYPES)}, got {rt['kv_cache_type']!r}")
         else:
             values["kv_cache_type"] = rt["kv_cache_type"]
+    if values.get("kv_cache_type", out.kv_cache_type) == "q8_0" and values.get("flash_attn", out.flash_attn) is False:
+        problems.append(f"{where}: kv_cache_type: q8_0 needs flash_attn = true (llama.cpp quantizes the V cache"
+                        " only under flash attention); use f16, or turn flash attention on")
     if "policy" in rt:
         if rt["policy"] not in POLICIES:
             problems.append(f"{where}: policy: expected one of {', '.join(POLICIES)}, got {_show(rt['policy'])}")

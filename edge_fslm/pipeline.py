@@ -262,7 +262,8 @@ class Pipeline:
 
         def extra(w: int) -> int:
             n_ctx = cells * (w + 1)
-            return kv_cache_bytes(info, n_ctx, kv_type) + compute_bytes(info, self.pool.settings.batch_size, n_ctx)
+            return kv_cache_bytes(info, n_ctx, kv_type) + compute_bytes(
+                info, self.pool.settings.batch_size, n_ctx, flash_attn=self.pool.settings.flash_attn, attn_cells=cells)
 
         while spare_bytes is not None and width >= 2 and extra(width) > spare_bytes:
             width //= 2

@@ -75,7 +75,7 @@ class ResidencyUnit:
     def footprint(self, rt) -> "Footprint":
         return footprint(self.model.id, self.model.info, ctx_size=rt.ctx_size, batch_size=rt.batch_size,
                          adapters=list(self.adapters.values()), prefix_tokens=self.prefix_tokens,
-                         kv_cache_type=rt.kv_cache_type)
+                         kv_cache_type=rt.kv_cache_type, flash_attn=rt.flash_attn)
 
     def merged(self, other: "ResidencyUnit") -> "ResidencyUnit":
         """The same file used by another stack: loaded once, carrying both stacks' adapters."""

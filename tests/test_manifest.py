@@ -111,7 +111,7 @@ def test_every_runtime_field_is_read_not_dropped():
     changed = {
         "ctx_size": "1024", "threads": "3", "batch_size": "64", "gpu_layers": "-1", "mmap": "false",
         "seed": "7", "policy": '"sequential"', "budget": '"300MB"', "prefix_cache": "false",
-        "kv_cache_type": '"q8_0"',
+        "kv_cache_type": '"f32"', "flash_attn": "false",
     }
     assert set(changed) == set(RuntimeSpec.__dataclass_fields__), "a new runtime field needs a case here"
     body = "\n".join(f"{k} = {v}" for k, v in changed.items())
@@ -122,6 +122,16 @@ def test_every_runtime_field_is_read_not_dropped():
     assert m.runtime.prefix_cache is False
     (line,) = errors_of(GOOD.replace("ctx_size = 512", "ctx_size = 512\nprefix_cache = 0"))
     assert "runtime: prefix_cache: expected true or false" in line
+
+
+def test_a_quantized_v_cache_needs_flash_attention():
+    """llama.cpp refuses a q8_0 V cache without flash attention; say so at parse time, with the fix."""
+    (line,) = errors_of(GOOD.replace("ctx_size = 512", 'ctx_size = 512\nkv_cache_type = "q8_0"\nflash_attn = false'))
+    assert "kv_cache_type: q8_0 needs flash_attn = true" in line
+    m = parse_manifest(GOOD.replace("ctx_size = 512", 'ctx_size = 512\nkv_cache_type = "q8_0"'), origin="good.toml")
+    assert m.runtime.flash_attn is True
+    with pytest.raises(ManifestError, match="q8_0 needs flash_attn"):
+        m.with_runtime(flash_attn=False)
 
 
 def test_bool_is_not_an_int():

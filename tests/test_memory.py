@@ -85,6 +85,38 @@ def test_run_respects_tightest_budget():
     assert d["predicted_peak_rss_bytes"] <= d["peak_rss_bytes"] * 1.10  # within 10%
 
 
+def test_without_flash_attention_the_plan_counts_the_kq_matrix():
+    """Off, llama.cpp fills a score per query token, KV cell and head: for a full micro-batch at
+    full context, 512 × 2048 × 9 heads of them for SmolLM2."""
+    from edge_fslm.memory import KQ_BYTES_PER_CELL_HEAD
+
+    _, _, _, on = prepare_stack("fslm-smollm2")
+    _, _, _, off = prepare_stack("fslm-smollm2", flash_attn=False)
+    ((_, f_on),), ((_, f_off),) = on.footprints.items(), off.footprints.items()
+    assert f_off.compute - f_on.compute == 512 * 2048 * 9 * KQ_BYTES_PER_CELL_HEAD
+    assert f_off.weights == f_on.weights and f_off.kv_cache == f_on.kv_cache
+
+
+@pytest.mark.parametrize("flash_attn", [
+    pytest.param("on", marks=pytest.mark.xfail(strict=True, reason=(
+        "known gap: with flash attention on, a 1,840-token prompt peaks about 7 MiB (3%) over the plan;"
+        " the compute term is calibrated on 506-token prompts"))),
+    "off",
+])
+def test_a_prompt_that_fills_the_context_stays_within_the_plan(tmp_path, flash_attn):
+    """The worst case the budget promises: a prompt that fills whole micro-batches up to the context."""
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 180)  # about 1,800 tokens
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_fslm.cli", "run", "-", "--json", "--flash-attn", flash_attn, "-n", "2"],
+        stdin=prompt.open("rb"), capture_output=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    d = json.loads(proc.stdout)
+    assert d["stages"][0]["prompt_tokens"] > 1500
+    assert d["predicted_peak_rss_bytes"] >= d["peak_rss_bytes"]
+
+
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, smollm2_path):
     folder = tmp_path_factory.mktemp("adapters")
