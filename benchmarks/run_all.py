@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["adapter_swap", "overhead", "stack_latency", "batch_throughput", "roofline", "memory", "quant_quality",
-         "llamacpp_converter_parity"]
+ORDER = ["adapter_swap", "overhead", "stack_latency", "batch_invariance", "batch_throughput", "roofline", "memory",
+         "quant_quality", "llamacpp_converter_parity"]
 
 
 def main() -> int:

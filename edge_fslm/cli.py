@@ -25,7 +25,7 @@ from .progress import ProgressBar
 from .units import fmt_bytes
 
 MAX_STDIN_BYTES = 64 << 20  # far beyond any context; reading stops here
-DEFAULT_PARALLEL = 1  # batch mode: prompts per stage decoded together; >1 is exact only with flash attention off
+DEFAULT_PARALLEL = 1  # batch mode: prompts per stage decoded together (exact, see parallel.py)
 
 
 class _ClosedStdout(io.TextIOBase):
@@ -161,7 +161,8 @@ def _runtime_options(f):
                      help="Layers to offload to Metal/CUDA builds of llama.cpp (default 0: CPU)."),
         click.option("--seed", type=int, help="Sampling seed (only matters with --temperature > 0)."),
         click.option("--flash-attn", "-fa", "flash_attn", type=click.Choice(["on", "off"]),
-                     help="Flash attention (default: the manifest's, on). Off makes --parallel batches exact."),
+                     help="Flash attention (default: the manifest's, on). Off: long prompts touch more memory,"
+                          " and --parallel batches every step."),
         click.option("--budget", "-b", help="Peak-RSS budget for the whole process: 300MB, 1.5GiB, or 40% of available RAM."),
         click.option("--policy", type=click.Choice(POLICIES),
                      help="Residency policy (default: the planner chooses)."),
@@ -188,8 +189,8 @@ def _runtime_options(f):
 @click.option("--output", "-o", "output_path", type=click.Path(dir_okay=False),
               help="Batch mode: results JSONL, appended as prompts finish; re-run to resume.")
 @click.option("--parallel", "-np", "parallel", type=click.IntRange(1, 64), default=DEFAULT_PARALLEL, show_default=True,
-              help="Batch mode: prompts of one stage decoded together (faster; fewer if the budget is tight)."
-                   " With --flash-attn off the answers are identical to one-at-a-time runs.")
+              help="Batch mode: prompts of one stage decoded together (faster, with the same answers as"
+                   " one at a time; fewer if the budget is tight).")
 @click.option("--ray", "ray_address", metavar="ADDRESS",
               help="Batch mode on a Ray cluster: auto, ray://host:10001, or local ([ray] extra). -t is per actor.")
 @click.option("--ray-actors", type=click.IntRange(1, 100000),
@@ -259,9 +260,6 @@ def _run_batch(stack, input_path, output_path, truncate, verbose, parallel, opti
 
     read_inputs(input_path)  # fail on a bad input file before loading anything
     with Stack.load(stack, verbose=verbose, preload=False, **options) as st:
-        if parallel > 1 and st.settings.flash_attn:
-            click.echo("note: with flash attention on, a --parallel answer can differ from a one-at-a-time run;"
-                       " add --flash-attn off for identical ones", err=True)
         bar = ProgressBar("stage-major", show_item=True)
 
         def hint(todo: int, resumed: int) -> None:

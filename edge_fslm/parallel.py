@@ -15,11 +15,19 @@ Exactness: llama.cpp's logits depend on where a prompt is split between decodes 
 the split moves logits by up to ~1 on this model), so every prompt is split exactly where
 the sequential path splits it (its prefix cache, then ``n_batch`` chunks), and each
 prompt's rest gets decodes of its own. With that, a prompt's first token is bit-identical
-to a one-at-a-time run (tests/test_parallel.py). Later steps are not always: once the
-sequences in a step sit at different lengths, llama.cpp 0.3.36's CPU logits drift from
-the single-sequence ones (by ~0.5 after a few dozen tokens in our probes), and a greedy
-near-tie can flip. In benchmarks/batch_throughput.py most answers come out the same, not
-all, so parallel decoding is opt-in (``--parallel``). The KV streams are kept separate
+to a one-at-a-time run (tests/test_parallel.py). Later steps decode one token for each of
+several sequences, and two of llama.cpp's CPU kernels then differ from a lone decode
+(benchmarks/batch_invariance.py finds them op by op):
+
+* flash attention: a lone query over 512 or more KV cells takes a split-KV kernel (one
+  partial softmax per thread, merged), a step with several streams the one-pass kernel;
+* llamafile's sgemm takes any matmul of two or more rows (the F16 LoRA adapters), where one
+  row takes ggml's dot product, which sums in another order.
+
+scripts/install.sh builds llama.cpp without llamafile, and a slot that a lone decode would
+send down the split-KV kernel is decoded alone (``LONE_FROM``), so every answer is identical
+to a one-at-a-time run (tests/test_parallel.py). With ``flash_attn = false`` there is no
+such kernel, and every step batches every slot. The KV streams are kept separate
 (``kv_unified = false``): a unified cache drifted from the first token. Sampling uses
 llama-cpp-python's own sampler construction (``Llama._init_sampler``, the pinned 0.3.36
 API) and stop rules the same :class:`~edge_fslm.stage.TokenCollector` as the sequential
@@ -41,6 +49,11 @@ from .stage import Generation, TokenCollector
 PARALLEL_HINT = "in a parallel batch — lower parallel"
 
 CTX_ROUND = 256  # KV cells are allocated in steps, so stages of similar length reuse one context
+# With flash attention, llama.cpp 0.3.36's CPU kernel for a lone query switches to a split-KV
+# form once it sees 512 KV cells, which a lone sequence does from position 256 on (it pads the
+# cells it attends to in steps of 256). A slot at or past that position is decoded alone, as the
+# sequential path decodes it, so it takes the same kernel; shorter ones are decoded together.
+LONE_FROM = 256
 
 
 def chunk_size(settings: LoadSettings) -> int:
@@ -63,6 +76,7 @@ class ParallelContext:
     n_ctx: int
     n_seq: int
     n_batch: int
+    flash_attn: bool = True
     adapter: tuple[str, float] | None | str = "unset"
 
     @classmethod
@@ -88,7 +102,7 @@ class ParallelContext:
                 f"{lm.model.path}: llama.cpp could not create a {n_seq}-sequence context of {cells} tokens each"
                 " — lower parallel"
             )
-        return cls(lm=lm, ctx=ctx, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch)
+        return cls(lm=lm, ctx=ctx, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, flash_attn=settings.flash_attn)
 
     def fits(self, lm: LoadedModel, n_seq: int, cells: int) -> bool:
         """Reusable for ``n_seq`` sequences of ``cells`` each: exactly as many sequences (the last
@@ -220,15 +234,18 @@ def generate_group(
                 break
             if not queue:
                 compact()
-            waiting = {}
-            for seq in sorted(slots):
-                slot = slots[seq]
-                waiting[seq] = batch.add(slot.token, slot.pos, (seq,), True)
-                slot.pos += 1
-            batch.decode(pctx.ctx, PARALLEL_HINT)
-            for seq, idx in waiting.items():
-                sample(slots[seq], idx)
-                took(seq)
+            together = [q for q in sorted(slots) if not (pctx.flash_attn and slots[q].pos >= LONE_FROM)]
+            alone = [[q] for q in sorted(slots) if q not in together]
+            for group in ([together] if together else []) + alone:
+                waiting = {}
+                for seq in group:
+                    slot = slots[seq]
+                    waiting[seq] = batch.add(slot.token, slot.pos, (seq,), True)
+                    slot.pos += 1
+                batch.decode(pctx.ctx, PARALLEL_HINT)
+                for seq, idx in waiting.items():
+                    sample(slots[seq], idx)
+                    took(seq)
     finally:
         batch.close()
         for slot in slots.values():

@@ -80,7 +80,7 @@ if ! ls "$WHEELS"/llama_cpp_python-*aarch64.whl >/dev/null 2>&1; then
     -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ \
     -DCMAKE_FIND_ROOT_PATH=/usr/aarch64-linux-gnu -DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER \
     -DCMAKE_FIND_ROOT_PATH_MODE_LIBRARY=ONLY -DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=ONLY \
-    -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=$ARCH_FLAGS -DLLAMA_CURL=OFF"
+    -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=$ARCH_FLAGS -DLLAMA_CURL=OFF -DGGML_LLAMAFILE=OFF"  # as scripts/install.sh
   t0=$(date +%s)
   python3 -m venv "$WORK/host-venv"
   "$WORK/host-venv/bin/pip" install -q wheel

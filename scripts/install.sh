@@ -14,6 +14,11 @@
 #  * pip's wheel cache ignores CMAKE_ARGS, so a wheel cached from an earlier build may not
 #    match this machine. After installing we decode one token in a subprocess; if that
 #    crashes we rebuild llama-cpp-python from source without the cache.
+# One flag is ours on every machine: -DGGML_LLAMAFILE=OFF. llamafile's sgemm takes a matmul of
+# two or more rows (F16 LoRA adapters, a Q8_0 output layer) while one row takes ggml's own dot
+# product, so a sequence decoded beside others got other logits than alone; without it batched
+# decoding can be exact (benchmarks/batch_invariance.py shows the op, benchmarks/README.md
+# what it costs). A cached wheel built with llamafile is rebuilt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -25,13 +30,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
+export CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_LLAMAFILE=OFF"
 if [ "$(uname -s)" = Linux ]; then
   cpu_args=$(scripts/llama-cmake-args.sh)  # its reasons go to stderr
-  if [ -n "$cpu_args" ]; then
-    export CMAKE_ARGS="${CMAKE_ARGS:-} $cpu_args"
-    echo "install: CMAKE_ARGS=$CMAKE_ARGS"
-  fi
+  [ -n "$cpu_args" ] && export CMAKE_ARGS="$CMAKE_ARGS $cpu_args"
 fi
+echo "install: CMAKE_ARGS=$CMAKE_ARGS"
 
 target="."
 [ -n "$EXTRAS" ] && target=".[$EXTRAS]"
@@ -57,9 +61,20 @@ case ",$EXTRAS," in
     ;;
 esac
 
+rebuild() {  # from source with this machine's CMAKE_ARGS; the stale wheel leaves pip's cache, the new one enters it
+  "$PY" -m pip cache remove 'llama_cpp_python*' >/dev/null 2>&1 || true
+  "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps --no-binary llama-cpp-python "$LLAMA_SPEC"
+}
 if ! "$PY" -m edge_fslm.selftest; then
   echo "install: the installed llama.cpp build crashed on this CPU; rebuilding it from source"
-  "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps --no-cache-dir "$LLAMA_SPEC"
+  rebuild
   "$PY" -m edge_fslm.selftest
 fi
+case "$("$PY" -c 'from edge_fslm.llama import system_info; print(system_info())')" in
+  *"LLAMAFILE = 1"*)
+    echo "install: the cached llama.cpp wheel was built with llamafile's sgemm; rebuilding it without (exact batches)"
+    rebuild
+    "$PY" -m edge_fslm.selftest
+    ;;
+esac
 echo "install: ok — activate with: . $VENV/bin/activate"

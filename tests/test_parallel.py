@@ -3,8 +3,8 @@
 What holds exactly, and is asserted: each prompt's prompt evaluation (shared prefix
 copied, split where the sequential path splits it, adapters) gives bit-identical logits, so
 with one token per stage every answer equals a one-at-a-time run; the fallbacks (sampled
-stages, no room in the budget) are the sequential path itself. Longer greedy answers can
-differ slightly (see edge_fslm/parallel.py); for those we assert completeness only.
+stages, no room in the budget) are the sequential path itself. Whole answers are identical
+too, with flash attention on and off (edge_fslm/parallel.py says what that takes).
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ from edge_fslm.parallel import CTX_ROUND, seq_cells
 from .test_batch import PROMPTS, read_results, write_inputs
 
 EXE = shutil.which("edge-fslm")
+FACT = ("Photosynthesis turns light into chemical energy stored in sugar. Plants, algae and some bacteria"
+        " do it, and nearly every food web rests on them. ")
+# short ones, and ones whose stage prompts pass 256 tokens, where a lone decode's attention
+# kernel changes (edge_fslm/parallel.py): each step then holds sequences on both sides of it
+LONG_PROMPTS = [PROMPTS[0], FACT * 6 + "Why do food webs depend on plants?", PROMPTS[4],
+                FACT * 9 + "Summarise this in one sentence.", PROMPTS[2], FACT * 3 + "What do plants store energy in?"]
 
 
 def test_seq_cells_round_up_to_whole_steps():
@@ -51,6 +57,26 @@ def test_prompt_evaluation_is_bit_identical(tmp_path, stack_name):
         single = singles[r["prompt"]]
         assert [s["output"] for s in r["stages"]] == [s.output for s in single.stages], r["prompt"]
         assert all(s["cached_prompt_tokens"] > 10 for s in r["stages"])  # the shared prefix went in once
+
+
+@pytest.mark.parametrize("stack_name,flash_attn", [("fslm-smollm2", True), ("fslm-smollm2-prompted", True),
+                                                   ("fslm-smollm2", False)])
+def test_whole_answers_are_identical(tmp_path, stack_name, flash_attn):
+    """Every stage's whole greedy answer, at its own max_tokens, with slots refilled as prompts
+    finish (6 prompts, 4 slots) so each step holds sequences at different lengths, some past 256
+    tokens. This needs a
+    llama.cpp built without llamafile (scripts/install.sh), and with flash attention on, slots
+    past LONE_FROM decoded alone: the two kernels that differ between a lone decode and a
+    batched one (benchmarks/batch_invariance.py)."""
+    from edge_fslm.llama import system_info
+
+    assert "LLAMAFILE = 1" not in system_info(), "this llama.cpp was built with llamafile: run scripts/install.sh"
+    rows, singles = batch_and_singles(tmp_path, stack_name, LONG_PROMPTS, 4, flash_attn=flash_attn)
+    assert max(s["prompt_tokens"] + s["completion_tokens"] for r in rows for s in r["stages"]) > 300
+    for r in rows:
+        single = singles[r["prompt"]]
+        assert [s["output"] for s in r["stages"]] == [s.output for s in single.stages], r["prompt"]
+        assert r["answer"] == single.answer
 
 
 def test_longer_answers_complete(tmp_path):
