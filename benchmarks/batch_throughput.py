@@ -13,7 +13,8 @@ Then multi-sequence decoding on the default stack, with its own max_tokens: stag
 ``--parallel`` 1, 4, 8 and 16 against the ideal sequential loop a user would write with
 llama-cpp-python (one resident ``Llama`` per stage adapter, reused for every prompt, one
 prompt at a time, replaying exactly the chat messages and token counts edge-fslm produced;
-see stack_latency.py). Every parallel run's answers are checked against the sequential ones.
+see stack_latency.py). Every parallel run's answers are checked against the sequential ones, with
+flash attention on (the default) and off.
 
     python benchmarks/batch_throughput.py [--prompts 32]
 """
@@ -61,8 +62,9 @@ def measure(manifest: str, policy: str | None, prompts: list[str], folder: Path,
     return out
 
 
-def multi_sequence(prompts: list[str], folder: Path, widths: tuple[int, ...]) -> dict:
-    """Stage-major with N prompts decoded together, against the ideal one-at-a-time loop."""
+def multi_sequence(prompts: list[str], folder: Path, widths: tuple[int, ...], flash_attn: tuple[bool, ...]) -> dict:
+    """Stage-major with N prompts decoded together, against the ideal one-at-a-time loop; with
+    flash attention on (the default) and off, each compared with its own ``--parallel 1``."""
     from llama_cpp import Llama
     from stack_latency import complete, rendered_messages
 
@@ -75,23 +77,25 @@ def multi_sequence(prompts: list[str], folder: Path, widths: tuple[int, ...]) ->
     inp = folder / "multi.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
     runs: dict[str, dict] = {}
-    answers: dict[int, list] = {}
-    for n in widths:
-        res = folder / f"multi-{n}.jsonl"
-        with Stack.load(name, preload=True, measure_rss=False) as stack:
-            t0 = time.perf_counter()
-            run_batch(stack, inp, res, parallel=n)
-            wall = time.perf_counter() - t0
-            if n == widths[0]:
+    answers: dict[tuple[bool, int], list] = {}
+    same: dict[str, str] = {}
+    for fa in flash_attn:
+        for n in widths:
+            res = folder / f"multi-{fa}-{n}.jsonl"
+            with Stack.load(name, preload=True, measure_rss=False, flash_attn=fa) as stack:
+                t0 = time.perf_counter()
+                run_batch(stack, inp, res, parallel=n)
+                wall = time.perf_counter() - t0
                 adapters = {s.name: str(stack.pipeline.adapters[s.name].path) for s in manifest.stages}
-        rows = sorted((json.loads(x) for x in res.read_text().splitlines()), key=lambda r: r["id"])
-        answers[n] = [[s["output"] for s in r["stages"]] for r in rows]
-        runs[f"stage-major, --parallel {n}"] = {"wall_seconds": wall, "prompts_per_second": len(prompts) / wall}
-    same = {n: sum(a == b for a, b in zip(answers[n], answers[widths[0]])) for n in widths}
+            rows = sorted((json.loads(x) for x in res.read_text().splitlines()), key=lambda r: r["id"])
+            answers[fa, n] = [[s["output"] for s in r["stages"]] for r in rows]
+            label = f"stage-major, --parallel {n}" + ("" if fa else ", --flash-attn off")
+            runs[label] = {"wall_seconds": wall, "prompts_per_second": len(prompts) / wall}
+            same[label] = f"{sum(a == b for a, b in zip(answers[fa, n], answers[fa, widths[0]]))}/{len(prompts)}"
 
-    # the ideal loop replays what the --parallel 1 run produced, prompt by prompt
-    seq_rows = sorted((json.loads(x) for x in (folder / f"multi-{widths[0]}.jsonl").read_text().splitlines()),
-                      key=lambda r: r["id"])
+    # the ideal loop replays what the --parallel 1 run (flash attention on) produced, prompt by prompt
+    seq_rows = sorted((json.loads(x) for x in (folder / f"multi-{flash_attn[0]}-{widths[0]}.jsonl").read_text()
+                       .splitlines()), key=lambda r: r["id"])
     work = [rendered_messages(manifest, NS(prompt=r["prompt"], stages=[NS(**s) for s in r["stages"]]), adapters)
             for r in seq_rows]
     path = str(smollm2_path())
@@ -112,7 +116,7 @@ def multi_sequence(prompts: list[str], folder: Path, widths: tuple[int, ...]) ->
     ref = runs["ideal sequential loop (resident Llama per adapter)"]["prompts_per_second"]
     for v in runs.values():
         v["vs_ideal"] = v["prompts_per_second"] / ref
-    return {"stack": name, "runs": runs, "answers_identical_to_parallel_1": {str(n): f"{same[n]}/{len(prompts)}" for n in widths}}
+    return {"stack": name, "runs": runs, "answers_identical_to_parallel_1": same}
 
 
 def main() -> None:
@@ -131,7 +135,7 @@ def main() -> None:
             "two models, sequential (must swap)": measure(mixed, "sequential", prompts, folder, args.max_tokens),
             "default stack, shared base": measure("fslm-smollm2", None, prompts, folder, args.max_tokens),
         }
-        multi = multi_sequence(prompts, folder, widths)
+        multi = multi_sequence(prompts, folder, widths, (True, False))
     rows = []
     for setting, r in results.items():
         for mode, v in r.items():
