@@ -198,8 +198,7 @@ def _runtime_options(f):
 @click.option("--ray-shard-size", type=click.IntRange(1, 100000), default=16, show_default=True,
               help="Prompts per shard for --ray: the unit that is retried, saved and resumed.")
 def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, policy, offline, strict, verbose,
-        max_tokens,
-        temperature, trace, as_json, truncate, input_path, output_path, parallel, ray_address, ray_actors,
+        max_tokens, temperature, trace, as_json, truncate, input_path, output_path, parallel, ray_address, ray_actors,
         ray_shard_size):
     """Run PROMPT through a stack and print the answer ('-' reads stdin).
 
@@ -220,13 +219,13 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, 
         if ray_address:
             _run_batch_ray(stack, input_path, output_path, truncate, parallel, ray_address, ray_actors, ray_shard_size,
                            threads, dict(ctx_size=ctx_size, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
-                                         max_tokens=max_tokens,
-                                temperature=temperature, budget=budget, policy=policy, offline=offline, strict=strict))
+                                         max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy,
+                                         offline=offline, strict=strict))
             return
         _run_batch(stack, input_path, output_path, truncate, verbose, parallel,
                    dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
-                        max_tokens=max_tokens,
-                        temperature=temperature, budget=budget, policy=policy, offline=offline, strict=strict))
+                        max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
+                        strict=strict))
         return
     text = _read_prompt(prompt)
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,

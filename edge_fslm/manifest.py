@@ -144,9 +144,9 @@ class RuntimeSpec:
     budget: str | None = None
     prefix_cache: bool = True
     kv_cache_type: str = "f16"  # f16 | q8_0 | f32 (llama.cpp --cache-type-k/-v)
-    # llama.cpp's --flash-attn. On: a long prompt touches little compute memory. Off: a sequence
-    # decodes to the same logits alone and beside others (its CPU kernel for a lone query
-    # differs), which exact --parallel decoding needs; see benchmarks/batch_invariance.py.
+    # llama.cpp's --flash-attn. On: a long prompt touches little compute memory, and a --parallel
+    # slot past position 256 decodes alone (the CPU kernel for a lone query changes there; see
+    # parallel.py). Off: the KQ scores take memory per KV cell, and every --parallel step batches.
     flash_attn: bool = True
 
 

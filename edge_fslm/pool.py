@@ -80,7 +80,7 @@ class LoadSettings:
     verbose: bool = False
     # Flash attention never materialises the full KQ matrix, so a long prompt touches
     # almost no compute memory beyond a short one: the budget's worst case stays close to
-    # the typical case. Off, batched decoding is exact (RuntimeSpec.flash_attn says why).
+    # the typical case. RuntimeSpec.flash_attn says what turning it off changes.
     flash_attn: bool = True
     # Save each stage's fixed prompt prefix (system prompt, few-shot turns) as KV state
     # once, and restore it on every later run instead of evaluating it again.

@@ -64,10 +64,9 @@ def test_prompt_evaluation_is_bit_identical(tmp_path, stack_name):
 def test_whole_answers_are_identical(tmp_path, stack_name, flash_attn):
     """Every stage's whole greedy answer, at its own max_tokens, with slots refilled as prompts
     finish (6 prompts, 4 slots) so each step holds sequences at different lengths, some past 256
-    tokens. This needs a
-    llama.cpp built without llamafile (scripts/install.sh), and with flash attention on, slots
-    past LONE_FROM decoded alone: the two kernels that differ between a lone decode and a
-    batched one (benchmarks/batch_invariance.py)."""
+    tokens. This needs a llama.cpp built without llamafile (scripts/install.sh) and, with flash
+    attention on, slots past LONE_FROM decoded alone: the two kernels that differ between a lone
+    decode and a batched one (benchmarks/batch_invariance.py)."""
     from edge_fslm.llama import system_info
 
     assert "LLAMAFILE = 1" not in system_info(), "this llama.cpp was built with llamafile: run scripts/install.sh"
