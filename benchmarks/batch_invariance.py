@@ -134,16 +134,14 @@ def child(cfg: dict) -> dict:
         p.n_seq_max = n_seq
         p.kv_unified = False
         p.n_threads = p.n_threads_batch = cfg["threads"]
-        p.type_k = p.type_v = 1  # f16
+        p.type_k = p.type_v = llama.GGML_TYPES["f16"]
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg["flash_attn"] else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if cfg["ops"]:
             rec = recorders[name] = Recorder(lc)
             p.cb_eval = rec.cb
             p.cb_eval_user_data = None
         ctx = lc.llama_init_from_model(model, p)
-        if adapter is not None:
-            arr = (lc.llama_adapter_lora_p_ctypes * 1)(adapter)
-            lc.llama_set_adapters_lora(ctx, arr, 1, (ctypes.c_float * 1)(1.0))
+        llama.set_adapter(ctx, adapter, 1.0)  # None: no adapter
         return ctx
 
     alone, batched = context(1, "alone"), context(width, "batched")
@@ -204,13 +202,14 @@ def child(cfg: dict) -> dict:
     batch.close()
     lc.llama_free(alone)
     lc.llama_free(batched)
-    return {"system_info": llama.system_info(), "prompt_tokens": len(toks[0]), "first_step_differs": next((i for i, d in enumerate(per_step) if d > 0), None),
+    return {"system_info": llama.system_info(), "prompt_tokens": len(toks[0]),
+            "first_step_differs": next((i for i, d in enumerate(per_step) if d > 0), None),
             "steps_identical": sum(d == 0 for d in per_step), "steps": len(per_step),
             "max_abs_diff": max(per_step), "per_step": per_step, "first_op": first_op, "speed": speed}
 
 
 def single_speed(lc, ctx, batch, prompt: list[int], gen: int = 64, repeats: int = 3) -> dict:
-    """What a configuration costs one sequence: prompt and generation tokens/s, median of 3."""
+    """What a configuration costs one sequence: prompt and generation tokens/s, median of ``repeats``."""
     import statistics
     import time
 
@@ -294,7 +293,7 @@ def main() -> None:
         sp = r["speed"] or {}
         rows.append([name, f"{r['steps_identical']}/{r['steps']}", r["first_step_differs"], f"{r['max_abs_diff']:.3g}",
                      f"{sp['prompt_tok_s']:.0f}" if sp else "-", f"{sp['gen_tok_s']:.0f}" if sp else "-",
-                     op.get("tensor", op.get("note", "-")) if a.ops else "-"])
+                     op.get("tensor", "-") if a.ops else "-"])
         print(rows[-1], flush=True)
     print(table(rows, ["configuration", "identical steps", "first differing step", "max |Δlogit|",
                        "prompt tok/s", "gen tok/s", "first op"]))
