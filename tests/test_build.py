@@ -21,7 +21,7 @@ from edge_fslm.errors import ManifestError
 from edge_fslm.manifest import load_stack
 from edge_fslm.sources import sha256_file
 
-from .test_convert_common import make_lora, tiny_llama_dir, tiny_neox_dir, work_dir
+from .convert_helpers import make_lora, tiny_llama_dir, tiny_neox_dir, work_dir
 
 SOURCE = """
 [stack]

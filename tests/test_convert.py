@@ -14,7 +14,7 @@ from edge_fslm import gguf_info
 from edge_fslm.convert import ConvertError, convert_hf
 from edge_fslm.convert.hf_to_gguf import SUPPORTED_ARCHITECTURES
 
-from .test_convert_common import (
+from .convert_helpers import (
     PROMPTS,
     compare,
     converted,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_convert_common import PROMPTS, converted, needs_train_extra, smollm2_hf_dir, tiny_spm_llama_dir, work_dir
+from .convert_helpers import PROMPTS, converted, needs_train_extra, smollm2_hf_dir, tiny_spm_llama_dir, work_dir
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from edge_fslm import gguf_info
 from edge_fslm.errors import GGUFError
 from edge_fslm.convert import ConvertError, convert_lora
 
-from .test_convert_common import (
+from .convert_helpers import (
     PROMPTS,
     compare,
     converted,

@@ -28,7 +28,7 @@ import pytest
 from edge_fslm import gguf_info
 from edge_fslm.convert import ConvertError, convert_hf
 
-from .test_convert_common import (
+from .convert_helpers import (
     PROMPTS,
     SPM_ADDED,
     SPM_PADDING,

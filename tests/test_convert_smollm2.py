@@ -10,7 +10,7 @@ import pytest
 
 from edge_fslm import gguf_info
 
-from .test_convert_common import (
+from .convert_helpers import (
     PROMPTS,
     compare,
     converted,

@@ -14,7 +14,7 @@ from edge_fslm.convert import QUANT_TYPES, ConvertError, quantize
 from edge_fslm.convert.cli import quantize as quantize_cmd
 from edge_fslm.errors import GGUFError
 
-from .test_convert_common import (
+from .convert_helpers import (
     PROMPTS,
     compare,
     converted,
