@@ -136,7 +136,7 @@ class LoadedModel:
     prefix_cache: dict = field(default_factory=dict)  # stage.prefix_key -> stage.PrefixState
     parallel: Any = None  # parallel.ParallelContext: a multi-sequence context on this model, for batch runs
     chat_formatter: Any = None  # the model's Jinja chat template, compiled once (stage.render_prompt)
-    max_token_bytes: int | None = None  # longest token piece in bytes, read once (stage.max_token_bytes)
+    vocab_facts: Any = None  # stage.VocabFacts: the longest token piece and the control tokens, read once
 
     @property
     def vocab(self) -> Any:

@@ -88,9 +88,16 @@ def _tokens(lm: LoadedModel, segments: list[tuple[str, bool]]) -> list[int]:
 
 
 def _speaks_special(lm: LoadedModel, text: str) -> bool:
-    """Whether ``text`` holds a special token's spelling (``<|im_start|>``, ``<s>``, ...)."""
-    raw = text.encode("utf-8")
-    return lm.llm.tokenize(raw, add_bos=False, special=True) != lm.llm.tokenize(raw, add_bos=False, special=False)
+    """Whether ``text`` holds a special token's spelling (``<|im_start|>``, ``<s>``, ...).
+
+    llama.cpp parses only control and unknown tokens differently with special tokens on, so
+    one tokenization with them on tells: if none of its tokens is one, special off gives the
+    same tokens.
+    """
+    if not text:
+        return False
+    special = vocab_facts(lm).special_ids
+    return not special.isdisjoint(lm.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
 
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
@@ -118,19 +125,32 @@ def prompt_tokens(lm: LoadedModel, stage: StageSpec, values: dict[str, str]) -> 
     return _tokens(lm, segments)
 
 
-def max_token_bytes(lm: LoadedModel) -> int:
-    """The longest piece (in UTF-8 bytes) of any token in the model's vocabulary, read once per model."""
-    n = lm.max_token_bytes
-    if n is None:
+@dataclass(frozen=True)
+class VocabFacts:
+    """What prompt preparation needs to know about a vocabulary, read in one pass per model."""
+
+    max_token_bytes: int  # the longest piece of any token, in UTF-8 bytes
+    special_ids: frozenset[int]  # control and unknown tokens: what only special-token parsing yields
+
+
+def vocab_facts(lm: LoadedModel) -> VocabFacts:
+    if lm.vocab_facts is None:
         lc = llama.lib()
         vocab = lm.vocab
         buf = (ctypes.c_char * 512)()
-        n = 1
+        n, special = 1, set()
+        flags = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_UNKNOWN
         for tok in range(lc.llama_vocab_n_tokens(vocab)):
-            size = lc.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
-            n = max(n, abs(size))
-        lm.max_token_bytes = n
-    return n
+            n = max(n, abs(lc.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)))
+            if lc.llama_vocab_get_attr(vocab, tok) & flags:
+                special.add(tok)
+        lm.vocab_facts = VocabFacts(n, frozenset(special))
+    return lm.vocab_facts
+
+
+def max_token_bytes(lm: LoadedModel) -> int:
+    """The longest piece (in UTF-8 bytes) of any token in the model's vocabulary."""
+    return vocab_facts(lm).max_token_bytes
 
 
 def _bound_input(lm: LoadedModel, stage: StageSpec, values: dict[str, str], n_ctx: int,
