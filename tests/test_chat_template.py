@@ -37,6 +37,26 @@ HOSTILE = {
                    "{{ ns.s | length }}",
     "concat-tilde": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
                     "{{ ns.s | length }}",
+    # one C step each, which the clock cannot stop: str methods, Jinja filters, widths taken from arguments
+    "ljust": "{{ 'x'.ljust(1000000000) | length }}",
+    "center-method": "{{ 'x'.center(1000000000) | length }}",
+    "zfill": "{{ '1'.zfill(1000000000) | length }}",
+    "expandtabs": "{{ ('\t' * 1000).expandtabs(1000000) | length }}",
+    "replace-method": "{{ ('x' * 1000000).replace('x', 'y' * 10000) | length }}",
+    "replace-empty": "{{ ('x' * 1000000).replace('', 'y' * 10000) | length }}",
+    "replace-filter": "{{ ('x' * 1000000) | replace('x', 'y' * 10000) | length }}",
+    "join-separator": "{{ ('y' * 10000000).join(['a'] * 100) | length }}",
+    "join-filter-separator": "{{ (['a'] * 100) | join('y' * 10000000) | length }}",
+    "translate": "{{ ('x' * 1000000).translate({120: 'y' * 10000}) | length }}",
+    "batch-fill": "{{ ([1] | batch(1000000000, 'x') | list)[0] | length }}",
+    "tojson-indent": "{{ ([[1]] * 1000) | tojson(indent=1000000) | length }}",
+    "format-nested-width": "{{ '{:{}}'.format('x', 1000000000) | length }}",
+    "format-map-nested-width": "{{ '{a:{w}}'.format_map({'a': 'x', 'w': 1000000000}) | length }}",
+    "percent-star-width": "{{ '%*s' % (1000000000, 'x') }}",
+    "format-filter-star-width": "{{ '%*s' | format(1000000000, 'x') | length }}",
+    # a list of many references to one long string is small, until something prints it
+    "list-of-references": "{% set l = ['x' * 10000000] * 100 %}{{ l | length }}",
+    "fromkeys-printed": "{{ {}.fromkeys(range(100000), 'x' * 1000000) }}",
 }
 
 
