@@ -28,7 +28,12 @@ Each cell is cached in ``benchmarks/results/fslm_quality/`` so a long run can be
 the cells already cached, with '-' where one is missing. The data folder is ``../shared/data``
 (``--data-dir``).
 
+The oracle is the slowest row (the 1.5B teacher writes three notes a question), so
+``--oracle-limit N`` runs it on the first N questions of each split only; the other systems
+are then also scored on those same questions, from their cached cells, in a table of its own.
+
     python benchmarks/fslm_quality.py [--arc-limit N] [--arc-challenge-limit N] [--instruct-limit 100] [--threads 2]
+    python benchmarks/fslm_quality.py --systems oracle --tasks arc-easy,arc-challenge --oracle-limit 200
 """
 
 from __future__ import annotations
@@ -116,6 +121,26 @@ def paired_rouge(a: list[dict], b: list[dict]) -> dict:
             "higher": sum(d > 0 for d in diffs), "lower": sum(d < 0 for d in diffs)}
 
 
+def on_oracle_questions(results: dict[str, dict[str, dict | None]]) -> dict:
+    """Every system's ARC acc on exactly the questions the oracle answered, and the oracle paired
+    against the fine-tuned stack and the answer stage alone on them: a subset run compares fairly."""
+    out = {}
+    for t in ("arc-easy", "arc-challenge"):
+        oracle = results["oracle"].get(t)
+        if not oracle:
+            continue
+        ids = {r["id"] for r in oracle["records"]}
+        acc = {}
+        for s, r in results.items():
+            recs = [x for x in (r.get(t) or {}).get("records", []) if x["id"] in ids]
+            if len(recs) == len(ids):
+                acc[s] = sum(x["predicted"] == x["gold"] for x in recs) / len(recs)
+        pairs = {f"oracle vs {o}": paired(oracle["records"], results[o][t]["records"])
+                 for o in ("fine-tuned", "answer-only", "single") if o in acc}
+        out[t] = {"n": len(ids), "acc": acc, "paired": pairs}
+    return out
+
+
 def answer_only_manifest() -> Path:
     """Written under build/ at run time: it names this checkout's adapter by absolute path."""
     path = ROOT / "build" / "fslm_quality" / "answer-adapter-only.toml"
@@ -125,12 +150,13 @@ def answer_only_manifest() -> Path:
     return path
 
 
-def cell(system: str, task: str, data: Path, args: argparse.Namespace, extra: list[str]) -> dict | None:
+def cell(system: str, task: str, data: Path, args: argparse.Namespace, extra: list[str], *,
+         cached_only: bool) -> dict | None:
     n = extra[extra.index("--limit") + 1] if "--limit" in extra else "all"
     out = CELLS / f"{system}-{task}-{n}.json"  # the limit is in the name: a cell is reused only for the same rows
     if out.is_file() and not args.fresh:
         return json.loads(out.read_text())
-    if args.cached_only:
+    if cached_only:
         return None
     CELLS.mkdir(parents=True, exist_ok=True)
     kind = "instruct" if task == "alpaca" else "arc"
@@ -156,6 +182,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help="also: answer-only, oracle, qwen-0.5b, teacher (see above)")
+    ap.add_argument("--tasks", default="arc-easy,arc-challenge,alpaca", help="the columns to compute")
+    ap.add_argument("--oracle-limit", type=int,
+                    help="the oracle row on the first N questions (and rows) of each task only")
     ap.add_argument("--fresh", action="store_true", help="recompute cached cells")
     ap.add_argument("--cached-only", action="store_true",
                     help="compute nothing: the table from the cells already cached, '-' where one is missing")
@@ -168,6 +197,10 @@ def main() -> None:
         "arc-challenge": (args.data_dir / "arc" / "ARC-Challenge-validation.jsonl", limit(args.arc_challenge_limit)),
         "alpaca": (args.data_dir / "alpaca_5000.json", ["--limit", str(args.instruct_limit)]),
     }
+    unknown = set(args.tasks.split(",")) - set(tasks)
+    if unknown:
+        raise SystemExit(f"--tasks: unknown {', '.join(sorted(unknown))} (choose from {', '.join(tasks)})")
+    computed = args.tasks.split(",")
     systems = args.systems.split(",")
     if "answer-only" in systems:
         SYSTEMS["answer-only"] = ["--stack", str(answer_only_manifest())]
@@ -179,7 +212,10 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {s: {} for s in systems}
     for t, (path, extra) in tasks.items():  # task-major: a partial run has whole columns
         for s in systems:
-            results[s][t] = cell(s, t, path, args, extra)
+            rows_from = extra
+            if s == "oracle" and args.oracle_limit:
+                rows_from = ["--limit", str(min([args.oracle_limit] + [int(n) for n in extra[1:2]]))]
+            results[s][t] = cell(s, t, path, args, rows_from, cached_only=args.cached_only or t not in computed)
 
     def row(s: str) -> dict:
         r = results[s]
@@ -215,7 +251,10 @@ def main() -> None:
                 continue
 
             def diff(k: str, scale: float = 100) -> float | None:
-                return None if r[k] is None or base[k] is None else scale * (r[k] - base[k])
+                n = k.rsplit("_acc", 1)[0] + "_n" if "_acc" in k else "alpaca_n"
+                if r[k] is None or base[k] is None or r[n] != base[n]:
+                    return None  # not the same questions (the oracle's subset): see the table on its questions
+                return scale * (r[k] - base[k])
 
             def ratio(k: str) -> float | None:
                 return None if r[k] is None or not base[k] else r[k] / base[k]
@@ -250,6 +289,12 @@ def main() -> None:
         print("\npaired, on the same questions (z ≥ 1.96: significant at 5%):")
         print(table([[k, v["n"], v["wins"], v["losses"], f"{v['z']:+.2f}"] for k, v in pairs.items()],
                     ["comparison", "questions", "wins", "losses", "z"]))
+    subset = on_oracle_questions(results) if "oracle" in results else {}
+    for t, v in subset.items():
+        print(f"\non the oracle's {v['n']} {t} questions (the first {v['n']} of the split):")
+        print(table([[s, f"{a:.3f}"] for s, a in v["acc"].items()], ["system", "acc"]))
+        print(table([[k, p["n"], p["wins"], p["losses"], f"{p['z']:+.2f}"] for k, p in v["paired"].items()],
+                    ["comparison", "questions", "wins", "losses", "z"]))
     rouge_pairs = {}
     for other in ("answer-only", "single"):
         if "fine-tuned" in results and other in results and results["fine-tuned"]["alpaca"] and results[other]["alpaca"]:
@@ -267,6 +312,7 @@ def main() -> None:
                       f"{s['first_loss']:.2f} → {s['last_loss']:.2f}"] for s in training["stages"]],
                     ["stage", "examples", "steps", "tokens", "target tokens", "seconds", "loss"]))
     path = write_result("fslm_quality", {"rows": rows, "vs_single": deltas, "paired": pairs, "paired_alpaca": rouge_pairs, "teacher_gap": gap,
+                                         "on_oracle_questions": subset, "oracle_limit": args.oracle_limit,
                                          "training": training,
                                          "instruct_limit": args.instruct_limit, "arc_limit": args.arc_limit,
                                          "arc_challenge_limit": args.arc_challenge_limit,
