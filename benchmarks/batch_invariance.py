@@ -18,6 +18,12 @@ once: ``GGML_CPU_TILED_MM=0`` (no tiled K-quant matmul), repacked weights off
 (``use_extra_bufts``), flash attention on or off, an adapter or none.
 
     python benchmarks/batch_invariance.py [--width 16] [--steps 48] [--ops] [--other-build DIR]
+    python benchmarks/batch_invariance.py --model gemma     # a K-quant file: Gemma 3 270M Q4_K_M
+
+``--model`` takes ``gemma`` (the Gemma 3 270M Q4_K_M package), a model source
+(``chunks://qwen2.5-coder-1.5b-instruct``, ``pkg://...``) or a path; with another model than
+SmolLM2 no adapter is used, and the results go to ``batch_invariance_<model>.json``. The probe
+text is the same ChatML text for every model: identity does not need the model's own markup.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import smollm2_path, table, write_result
+from common import gemma_path, smollm2_path, table, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = ROOT / "edge_fslm" / "stacks" / "fslm-smollm2" / "answer.gguf"
@@ -113,7 +119,7 @@ def child(cfg: dict) -> dict:
     mp = lc.llama_model_default_params()
     mp.n_gpu_layers = 0
     mp.use_extra_bufts = cfg["repack"]
-    model = lc.llama_model_load_from_file(str(smollm2_path()).encode(), mp)
+    model = lc.llama_model_load_from_file(cfg["model"].encode(), mp)
     vocab = lc.llama_model_get_vocab(model)
     n_vocab = lc.llama_vocab_n_tokens(vocab)
     adapter = lc.llama_adapter_lora_init(model, cfg["adapter"].encode()) if cfg["adapter"] else None
@@ -180,14 +186,15 @@ def child(cfg: dict) -> dict:
         per_step.append(diff)
         if recorders and first_op is None:  # the first step where any recorded row differs
             # align by name, in graph order: a tensor whose second dimension is 1 alone may be
-            # recorded in one graph only (a broadcast), so the two lists need not zip
-            later: dict[str, list[bytes]] = {}
+            # recorded in one graph only (a broadcast), so the two lists need not zip; and a label
+            # may name tensors of several widths (Gemma's heads and rows), so the width is in the key
+            later: dict[tuple[str, int], list[bytes]] = {}
             for nb, xb in recorders["batched"].rows:
-                later.setdefault(nb, []).append(xb)
+                later.setdefault((nb, len(xb)), []).append(xb)
             for na, xa in recorders["alone"].rows:
-                if not later.get(na):
+                if not later.get((na, len(xa))):
                     continue
-                xb = later[na].pop(0)
+                xb = later[(na, len(xa))].pop(0)
                 if xa != xb:
                     a, b = np.frombuffer(xa, np.float32), np.frombuffer(xb, np.float32)
                     first_op = {"step": step + 1, "tensor": na, "max_abs_diff": float(np.max(np.abs(a - b))),
@@ -256,6 +263,8 @@ CONFIGS = [
     ("flash attention off, no adapter", {}, {"flash_attn": False, "adapter": ""}),
     ("flash attention off, GGML_CPU_TILED_MM=0", {"GGML_CPU_TILED_MM": "0"}, {"flash_attn": False}),
     ("flash attention off, no repacked weights", {}, {"flash_attn": False, "repack": False}),
+    ("flash attention off, no tiled matmul, no repacked weights", {"GGML_CPU_TILED_MM": "0"},
+     {"flash_attn": False, "repack": False}),
     ("other build", {}, {"build": "other"}),
     ("other build, flash attention off", {}, {"build": "other", "flash_attn": False}),
 ]
@@ -268,7 +277,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="single-sequence speed: median of this many")
-    ap.add_argument("--adapter", default=str(ADAPTER))
+    ap.add_argument("--model", help="gemma, a model source or a path (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--adapter", help="a LoRA adapter GGUF (default: the answer adapter on SmolLM2, none on another model)")
     ap.add_argument("--ops", action="store_true", help="name the first tensor that differs (slower)")
     ap.add_argument("--only", help="configuration names, separated by ;")
     ap.add_argument("--other-build", metavar="DIR",
@@ -277,13 +287,18 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return
-    base = {"width": a.width, "steps": a.steps, "threads": a.threads, "adapter": a.adapter, "others": "different",
+    model, label = resolve_model(a.model)
+    adapter = a.adapter if a.adapter is not None else str(ADAPTER) if label == "smollm2" else ""
+    base = {"model": str(model), "width": a.width, "steps": a.steps, "threads": a.threads, "adapter": adapter,
+            "others": "different",
             "flash_attn": True, "repack": True, "ops": a.ops, "reps": 8, "repeats": a.repeats}
     results = {}
     rows = []
     for name, env, over in CONFIGS:
         if a.only and name not in a.only.split(";"):
             continue
+        if "adapter" in over and not adapter:
+            continue  # the same as the configuration without the word "no adapter"
         if over.get("build") and not a.other_build:
             continue
         if over.get("build"):
@@ -304,8 +319,21 @@ def main() -> None:
                       f"{r['speed']['gen_tok_s'] / ref['gen_tok_s']:.2f}x"] for n, r in results.items() if r["speed"]],
                     ["configuration", "prompt", "generation"]))
     # the op search slows every step (a callback per tensor), so it has its own results file
-    write_result("batch_invariance_ops" if a.ops else "batch_invariance",
-                 {"width": a.width, "steps": a.steps, "results": results})
+    name = "batch_invariance" + ("_ops" if a.ops else "") + ("" if label == "smollm2" else f"_{label}")
+    write_result(name, {"model": str(model), "width": a.width, "steps": a.steps, "results": results})
+
+
+def resolve_model(spec: str | None) -> tuple[Path, str]:
+    """The model file to probe and a short name for its results file."""
+    if spec is None:
+        return smollm2_path(), "smollm2"
+    if spec == "gemma":
+        return gemma_path(), "gemma"
+    sys.path.insert(0, str(ROOT))
+    from edge_fslm import sources
+
+    path = sources.resolve(spec, base_dir=Path.cwd(), allow_absolute=True, confine=False)
+    return path, "".join(c if c.isalnum() else "-" for c in path.stem.lower())
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@ several sequences, and two of llama.cpp's CPU kernels then differ from a lone de
 scripts/install.sh builds llama.cpp without llamafile, and a slot that a lone decode would
 send down the split-KV kernel is decoded alone (``LONE_FROM``), so every answer is identical
 to a one-at-a-time run (tests/test_parallel.py). With ``flash_attn = false`` there is no
-such kernel, and every step batches every slot. The KV streams are kept separate
+such kernel, and every step batches every slot. That covers the Q4_1 file the built-in
+stacks run. On K-quant weights (Q4_K_M) two more kernels take a batch of rows another way
+than one row, llama.cpp's tiled matmul and its repacked weights, so there a batched answer
+may still differ (``benchmarks/batch_invariance.py --model gemma``). The KV streams are kept separate
 (``kv_unified = false``): a unified cache drifted from the first token. Sampling uses
 llama-cpp-python's own sampler construction (``Llama._init_sampler``, the pinned 0.3.36
 API) and stop rules the same :class:`~edge_fslm.stage.TokenCollector` as the sequential
