@@ -241,7 +241,7 @@ def test_parallel_decoding_groups_requests_and_answers_exactly(quick, tmp_path):
                                              max_tokens=16).choices[0].message.content
 
         sequential = {p: ask(p) for p in PROMPTS}
-        jobs = [PROMPTS[(c + k) % len(PROMPTS)] for c in range(8) for k in range(5)]
+        jobs = [PROMPTS[(i + k) % len(PROMPTS)] for i in range(8) for k in range(5)]  # 8 clients × 5
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(ask, jobs))
         health = httpx.get(f"{srv.url}/health").json()
