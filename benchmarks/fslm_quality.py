@@ -123,7 +123,8 @@ def paired_rouge(a: list[dict], b: list[dict]) -> dict:
 
 def on_oracle_questions(results: dict[str, dict[str, dict | None]]) -> dict:
     """Every system's ARC acc on exactly the questions the oracle answered, and the oracle paired
-    against the fine-tuned stack and the answer stage alone on them: a subset run compares fairly."""
+    against the fine-tuned stack, the answer stage alone and the single model on them: a subset
+    run compares fairly."""
     out = {}
     for t in ("arc-easy", "arc-challenge"):
         oracle = results["oracle"].get(t)

@@ -92,7 +92,8 @@ def _check_format(spec: object, what: str, values: Any = ()) -> None:
 
 
 def _replaced_size(s: Any, old: Any, new: Any, count: Any = -1) -> int:
-    if not all(isinstance(x, str) for x in (s, old, new)) or not isinstance(count, int):
+    kind = type(s) if isinstance(s, (str, bytes)) else None
+    if kind is None or not all(isinstance(x, kind) for x in (old, new)) or not isinstance(count, int):
         return 0  # the method itself refuses these
     n = s.count(old) if old else len(s) + 1
     return len(s) + (min(n, count) if count >= 0 else n) * max(len(new) - len(old), 0)

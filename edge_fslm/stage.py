@@ -134,6 +134,7 @@ class VocabFacts:
 
 
 def vocab_facts(lm: LoadedModel) -> VocabFacts:
+    """The model's VocabFacts, read on first use and kept on the LoadedModel."""
     if lm.vocab_facts is None:
         lc = llama.lib()
         vocab = lm.vocab

@@ -45,6 +45,7 @@ HOSTILE = {
     "replace-method": "{{ ('x' * 1000000).replace('x', 'y' * 10000) | length }}",
     "replace-empty": "{{ ('x' * 1000000).replace('', 'y' * 10000) | length }}",
     "replace-filter": "{{ ('x' * 1000000) | replace('x', 'y' * 10000) | length }}",
+    "replace-bytes": "{{ ('x' * 1000000).encode().replace('x'.encode(), ('y' * 10000).encode()) | length }}",
     "join-separator": "{{ ('y' * 10000000).join(['a'] * 100) | length }}",
     "join-filter-separator": "{{ (['a'] * 100) | join('y' * 10000000) | length }}",
     "translate": "{{ ('x' * 1000000).translate({120: 'y' * 10000}) | length }}",
