@@ -216,7 +216,8 @@ def _neox_hparams(config: dict[str, Any], folder: Path) -> HParams:
 # --------------------------------------------------------------------------- GGUF keys
 
 
-def _llama_keys(w: gguf.GGUFWriter, hp: HParams) -> None:
+def _shared_keys(w: gguf.GGUFWriter, hp: HParams) -> None:
+    """The keys every architecture writes first, in llama.cpp's converter's order (the bytes depend on it)."""
     w.add_context_length(hp.n_ctx)
     w.add_embedding_length(hp.n_embd)
     w.add_block_count(hp.n_layer)
@@ -224,6 +225,10 @@ def _llama_keys(w: gguf.GGUFWriter, hp: HParams) -> None:
     w.add_head_count(hp.n_head)
     w.add_head_count_kv(hp.n_head_kv)
     w.add_rope_dimension_count(hp.rope_dim)
+
+
+def _llama_keys(w: gguf.GGUFWriter, hp: HParams) -> None:
+    _shared_keys(w, hp)
     if hp.explicit_head_dim or hp.head_dim != hp.n_embd // hp.n_head:
         w.add_key_length(hp.head_dim)
         w.add_value_length(hp.head_dim)
@@ -233,13 +238,7 @@ def _llama_keys(w: gguf.GGUFWriter, hp: HParams) -> None:
 
 
 def _neox_keys(w: gguf.GGUFWriter, hp: HParams) -> None:
-    w.add_context_length(hp.n_ctx)
-    w.add_embedding_length(hp.n_embd)
-    w.add_block_count(hp.n_layer)
-    w.add_feed_forward_length(hp.n_ff)
-    w.add_head_count(hp.n_head)
-    w.add_head_count_kv(hp.n_head_kv)
-    w.add_rope_dimension_count(hp.rope_dim)
+    _shared_keys(w, hp)
     w.add_rope_freq_base(hp.rope_theta)
     w.add_parallel_residual(hp.parallel_residual)
     w.add_layer_norm_eps(hp.norm_eps)
