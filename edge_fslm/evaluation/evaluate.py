@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from ..stage import prepare
 from ..units import fmt_bytes
 
 Progress = Callable[[int, int], None]  # (done, total), called after each item
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,24 @@ def _pm(mean: float, err: float | None) -> str:
     return f"{mean:.4f}" + (f" ± {err:.4f}" if err is not None else "")
 
 
+class _Report:
+    """What every evaluation report shares: its JSON form and the cost rows of its text form."""
+
+    mean_seconds: float
+    load_seconds: float
+    peak_rss_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+
+    def _cost_rows(self, per: str) -> list[tuple[str, str]]:
+        return [
+            (f"s/{per}", f"{self.mean_seconds:.3f}"),
+            ("load s", f"{self.load_seconds:.3f}"),
+            ("peak RSS", fmt_bytes(self.peak_rss_bytes, 1)),
+        ]
+
+
 @dataclass
 class ArcRecord:
     """One question: the choices' log-likelihoods and what was picked."""
@@ -178,7 +197,7 @@ class ArcRecord:
 
 
 @dataclass
-class ArcReport:
+class ArcReport(_Report):
     """ARC accuracy of a stack (or a bare model), with cost and every question's record."""
 
     stack: str
@@ -194,18 +213,13 @@ class ArcReport:
     peak_rss_bytes: int
     records: list[ArcRecord]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def format_text(self) -> str:
         return "\n".join([
             f"ARC · {self.stack} ({self.mode}) · {Path(self.data).name} · {self.n} questions",
             *_table([
                 ("acc", _pm(self.acc, self.acc_stderr)),
                 ("acc_norm", _pm(self.acc_norm, self.acc_norm_stderr)),
-                ("s/question", f"{self.mean_seconds:.3f}"),
-                ("load s", f"{self.load_seconds:.3f}"),
-                ("peak RSS", fmt_bytes(self.peak_rss_bytes, 1)),
+                *self._cost_rows("question"),
             ]),
         ])
 
@@ -226,7 +240,7 @@ class InstructRecord:
 
 
 @dataclass
-class InstructReport:
+class InstructReport(_Report):
     """Mean text-overlap scores of a stack's (or a bare model's) answers, with cost and every row."""
 
     stack: str
@@ -243,9 +257,6 @@ class InstructReport:
     peak_rss_bytes: int
     records: list[InstructRecord]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def format_text(self) -> str:
         return "\n".join([
             f"Instructions · {self.stack} ({self.mode}) · {Path(self.data).name} [{self.split}] · {self.n} prompts",
@@ -254,9 +265,7 @@ class InstructReport:
                 ("ROUGE-1 F1", f"{self.rouge1:.4f}"),
                 ("ROUGE-L F1", f"{self.rougeL:.4f}"),
                 ("Levenshtein sim", f"{self.levenshtein:.4f}"),
-                ("s/prompt", f"{self.mean_seconds:.3f}"),
-                ("load s", f"{self.load_seconds:.3f}"),
-                ("peak RSS", fmt_bytes(self.peak_rss_bytes, 1)),
+                *self._cost_rows("prompt"),
             ]),
         ])
 
@@ -276,6 +285,29 @@ def _label(stack: str | Path | Manifest, single: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- evaluations
+
+
+def _evaluate_here(stack: str | Path | Manifest, single: str | None, items: list, record: Callable[[Stack, object], R],
+                   *, chat: bool, preload: bool, threads: int | None, ctx_size: int | None, max_tokens: int | None,
+                   verbose: bool, progress: Progress | None) -> tuple[list[R], float, int]:
+    """Score ``items`` one by one on a stack in this process: the records, load seconds and peak RSS.
+
+    The same triple as :func:`edge_fslm.ray.evaluate_on_ray`, so both paths end in one report.
+    """
+    records: list[R] = []
+    with RssSampler() as sampler:
+        t0 = time.perf_counter()
+        st = load_eval_stack(stack, single, chat=chat, threads=threads, ctx_size=ctx_size, max_tokens=max_tokens,
+                             verbose=verbose)
+        with st:
+            if preload:
+                final_stage_model(st)  # load now, so load time is not counted against the first item
+            load_seconds = time.perf_counter() - t0
+            for done, item in enumerate(items, 1):
+                records.append(record(st, item))
+                if progress:
+                    progress(done, len(items))
+    return records, load_seconds, sampler.peak_bytes
 
 
 def arc_record(st: Stack, q, single: bool) -> ArcRecord:
@@ -330,20 +362,11 @@ def evaluate_arc(
                                                       ctx_size=ctx_size, max_tokens=max_tokens, progress=progress)
         return arc_report(records, label=_label(stack, single), single=single is not None, data_path=data_path,
                           load_seconds=load_seconds, peak_rss_bytes=peak)
-    records: list[ArcRecord] = []
-    with RssSampler() as sampler:
-        t0 = time.perf_counter()
-        st = load_eval_stack(stack, single, chat=False, threads=threads, ctx_size=ctx_size, max_tokens=max_tokens,
-                             verbose=verbose)
-        with st:
-            final_stage_model(st)  # load now, so load time is not counted against the first question
-            load_seconds = time.perf_counter() - t0
-            for done, q in enumerate(questions, 1):
-                records.append(arc_record(st, q, single is not None))
-                if progress:
-                    progress(done, len(questions))
+    records, load_seconds, peak = _evaluate_here(
+        stack, single, questions, lambda st, q: arc_record(st, q, single is not None), chat=False, preload=True,
+        threads=threads, ctx_size=ctx_size, max_tokens=max_tokens, verbose=verbose, progress=progress)
     return arc_report(records, label=_label(stack, single), single=single is not None, data_path=data_path,
-                      load_seconds=load_seconds, peak_rss_bytes=sampler.peak_bytes)
+                      load_seconds=load_seconds, peak_rss_bytes=peak)
 
 
 def instruct_record(st: Stack, ex) -> InstructRecord:
@@ -395,16 +418,8 @@ def evaluate_instruct(
                                                       ctx_size=ctx_size, max_tokens=max_tokens, progress=progress)
         return instruct_report(records, label=label, single=is_single, data_path=data_path, split=split,
                                load_seconds=load_seconds, peak_rss_bytes=peak)
-    records: list[InstructRecord] = []
-    with RssSampler() as sampler:
-        t0 = time.perf_counter()
-        st = load_eval_stack(stack, single, chat=True, threads=threads, ctx_size=ctx_size, max_tokens=max_tokens,
-                             verbose=verbose)
-        with st:
-            load_seconds = time.perf_counter() - t0
-            for done, ex in enumerate(examples, 1):
-                records.append(instruct_record(st, ex))
-                if progress:
-                    progress(done, len(examples))
+    records, load_seconds, peak = _evaluate_here(
+        stack, single, examples, instruct_record, chat=True, preload=False, threads=threads, ctx_size=ctx_size,
+        max_tokens=max_tokens, verbose=verbose, progress=progress)
     return instruct_report(records, label=label, single=is_single, data_path=data_path, split=split,
-                           load_seconds=load_seconds, peak_rss_bytes=sampler.peak_bytes)
+                           load_seconds=load_seconds, peak_rss_bytes=peak)
