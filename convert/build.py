@@ -24,6 +24,7 @@ previous artifacts intact and never a half-written one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -311,53 +312,55 @@ def build_stack(
     previous = _previous(out)
     prev = {} if force else previous
     say = log or (lambda line: None)
-    n_steps = len(model_jobs) + len(adapter_jobs)
-    step = 0
     tmp_dir = out / _TMP_DIR
     f16_cache: dict[Path, Path] = {}
+
+    def make_model(job: _ModelJob, label: str) -> None:
+        art = job.art
+        dest = out / art.path
+        if art.qtype in _DIRECT:
+            say(f"{label}: converting {job.hf_dir.name}")
+            rep = convert_hf(job.hf_dir, dest, _DIRECT[art.qtype], progress=progress)
+            art.details = {"tensor_types": rep.tensor_types, "warnings": rep.warnings}
+            return
+        f16 = f16_cache.get(job.hf_dir)
+        if f16 is None:
+            tmp_dir.mkdir(exist_ok=True)
+            f16 = tmp_dir / f"{job.model_id}.f16.gguf"
+            say(f"{label}: converting {job.hf_dir.name} to F16")
+            rep = convert_hf(job.hf_dir, f16, "f16", progress=progress)
+            art.details["convert_warnings"] = rep.warnings
+            f16_cache[job.hf_dir] = f16
+        say(f"{label}: quantizing")
+        qrep = quantize(f16, dest, art.qtype, threads=threads, progress=progress)
+        art.details.update({"bytes_by_type": qrep.bytes_by_type, "f16_size": qrep.in_size,
+                            "fallbacks": qrep.fallbacks})
+
+    def make_adapter(ajob: _AdapterJob, label: str) -> None:
+        art = ajob.art
+        say(f"{label}: converting LoRA ({art.qtype})")
+        rep = convert_lora(ajob.peft_dir, ajob.base.hf_dir, out / art.path, art.qtype,
+                           base_gguf=out / ajob.base.art.path, progress=progress)
+        art.details = {"ranks": rep.ranks, "alpha": rep.alpha, "modules": rep.modules,  # type: ignore[union-attr]
+                       "warnings": rep.warnings}
+
+    # models first: an adapter is checked against its base's built GGUF
+    steps: list[tuple[Artifact, str, Callable[[str], None]]] = [
+        (job.art, f"model {job.model_id} -> {job.art.qtype}", functools.partial(make_model, job))
+        for job in model_jobs
+    ] + [
+        (ajob.art, f"adapter {', '.join(ajob.stages)} ({ajob.peft_dir.name})", functools.partial(make_adapter, ajob))
+        for ajob in adapter_jobs
+    ]
     try:
-        for job in model_jobs:
-            step += 1
-            art = job.art
-            label = f"[{step}/{n_steps}] model {job.model_id} -> {art.qtype}"
+        for step, (art, what, make) in enumerate(steps, 1):
+            label = f"[{step}/{len(steps)}] {what}"
             if _up_to_date(art, prev.get(art.key), out):
                 _reuse(art, prev[art.key])
                 say(f"{label}: up to date, skipped")
                 continue
             t0 = time.perf_counter()
-            dest = out / art.path
-            if art.qtype in _DIRECT:
-                say(f"{label}: converting {job.hf_dir.name}")
-                rep = convert_hf(job.hf_dir, dest, _DIRECT[art.qtype], progress=progress)
-                art.details = {"tensor_types": rep.tensor_types, "warnings": rep.warnings}
-            else:
-                f16 = f16_cache.get(job.hf_dir)
-                if f16 is None:
-                    tmp_dir.mkdir(exist_ok=True)
-                    f16 = tmp_dir / f"{job.model_id}.f16.gguf"
-                    say(f"{label}: converting {job.hf_dir.name} to F16")
-                    rep = convert_hf(job.hf_dir, f16, "f16", progress=progress)
-                    art.details["convert_warnings"] = rep.warnings
-                    f16_cache[job.hf_dir] = f16
-                say(f"{label}: quantizing")
-                qrep = quantize(f16, dest, art.qtype, threads=threads, progress=progress)
-                art.details.update({"bytes_by_type": qrep.bytes_by_type, "f16_size": qrep.in_size,
-                                    "fallbacks": qrep.fallbacks})
-            _finish(art, out, t0)
-        for ajob in adapter_jobs:
-            step += 1
-            art = ajob.art
-            label = f"[{step}/{n_steps}] adapter {', '.join(ajob.stages)} ({ajob.peft_dir.name})"
-            if _up_to_date(art, prev.get(art.key), out):
-                _reuse(art, prev[art.key])
-                say(f"{label}: up to date, skipped")
-                continue
-            t0 = time.perf_counter()
-            say(f"{label}: converting LoRA ({art.qtype})")
-            rep = convert_lora(ajob.peft_dir, ajob.base.hf_dir, out / art.path, art.qtype,
-                               base_gguf=out / ajob.base.art.path, progress=progress)
-            art.details = {"ranks": rep.ranks, "alpha": rep.alpha, "modules": rep.modules,  # type: ignore[union-attr]
-                           "warnings": rep.warnings}
+            make(label)
             _finish(art, out, t0)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
