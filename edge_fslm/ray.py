@@ -178,14 +178,12 @@ class _EvalWorker:
     def __init__(self, kind: str, stack, single: str | None, options: dict):
         import time
 
-        from .evaluation.evaluate import final_stage_model, load_eval_stack
+        from .evaluation.evaluate import load_for
 
         self.kind, self.single, self.error = kind, single is not None, None
         t0 = time.perf_counter()
         try:
-            self.stack = load_eval_stack(stack, single, chat=kind == "instruct", **options)
-            if kind == "arc":
-                final_stage_model(self.stack)  # loaded before the first question, as eval arc does locally
+            self.stack = load_for(kind, stack, single, **options)  # as eval loads it locally
         except EdgeFSLMError as exc:
             self.error = str(exc)
         self.load_seconds = time.perf_counter() - t0
@@ -195,15 +193,12 @@ class _EvalWorker:
 
         import psutil
 
-        from .evaluation.evaluate import arc_record, instruct_record
+        from .evaluation.evaluate import record_for
         from .rss import kernel_peak
 
         if self.error:
             return {"shard": shard, "fatal": f"on node {socket.gethostname()}: {self.error}"}
-        if self.kind == "arc":
-            records = [arc_record(self.stack, q, self.single) for q in items]
-        else:
-            records = [instruct_record(self.stack, ex) for ex in items]
+        records = [record_for(self.kind, self.stack, item, self.single) for item in items]
         peak = kernel_peak() or psutil.Process().memory_info().rss  # this actor process's peak RSS
         return {"shard": shard, "records": records, "load_seconds": self.load_seconds, "peak_rss_bytes": peak}
 

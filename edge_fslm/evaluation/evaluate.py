@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable
 
 import numpy as np
 
@@ -35,7 +35,6 @@ from ..stage import prepare
 from ..units import fmt_bytes
 
 Progress = Callable[[int, int], None]  # (done, total), called after each item
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -287,29 +286,6 @@ def _label(stack: str | Path | Manifest, single: str | None) -> str:
 # --------------------------------------------------------------------------- evaluations
 
 
-def _evaluate_here(stack: str | Path | Manifest, single: str | None, items: list, record: Callable[[Stack, object], R],
-                   *, chat: bool, preload: bool, threads: int | None, ctx_size: int | None, max_tokens: int | None,
-                   verbose: bool, progress: Progress | None) -> tuple[list[R], float, int]:
-    """Score ``items`` one by one on a stack in this process: the records, load seconds and peak RSS.
-
-    The same triple as :func:`edge_fslm.ray.evaluate_on_ray`, so both paths end in one report.
-    """
-    records: list[R] = []
-    with RssSampler() as sampler:
-        t0 = time.perf_counter()
-        st = load_eval_stack(stack, single, chat=chat, threads=threads, ctx_size=ctx_size, max_tokens=max_tokens,
-                             verbose=verbose)
-        with st:
-            if preload:
-                final_stage_model(st)  # load now, so load time is not counted against the first item
-            load_seconds = time.perf_counter() - t0
-            for done, item in enumerate(items, 1):
-                records.append(record(st, item))
-                if progress:
-                    progress(done, len(items))
-    return records, load_seconds, sampler.peak_bytes
-
-
 def arc_record(st: Stack, q, single: bool) -> ArcRecord:
     """Score one ARC question's choices: after the stack's notes, or (``single``) with lm-eval's prompt."""
     t = time.perf_counter()
@@ -335,6 +311,71 @@ def arc_report(records: list[ArcRecord], *, label: str, single: bool, data_path:
     )
 
 
+def instruct_record(st: Stack, ex) -> InstructRecord:
+    """Answer one Alpaca row and score the answer against its reference."""
+    result = st.run(ex.input, truncate=True)
+    scores = text_scores(result.answer, ex.output)
+    return InstructRecord(id=ex.id, input=ex.input, reference=ex.output, answer=result.answer,
+                          seconds=result.total_seconds, **scores)
+
+
+def instruct_report(records: list[InstructRecord], *, label: str, single: bool, data_path: str | Path, split: str,
+                    load_seconds: float, peak_rss_bytes: int) -> InstructReport:
+    def mean(key: str) -> float:
+        return float(np.mean([getattr(r, key) for r in records]))
+
+    return InstructReport(
+        stack=label, mode="single" if single else "stack", data=str(data_path), split=split,
+        n=len(records), exact_match=mean("exact_match"), rouge1=mean("rouge1"), rougeL=mean("rougeL"),
+        levenshtein=mean("levenshtein"), mean_seconds=mean("seconds"), load_seconds=load_seconds,
+        peak_rss_bytes=peak_rss_bytes, records=records,
+    )
+
+
+def load_for(kind: str, stack: str | Path | Manifest, single: str | None, *, threads: int | None = None,
+             ctx_size: int | None = None, max_tokens: int | None = None, verbose: bool = False) -> Stack:
+    """The stack ``eval arc|instruct`` scores on, here or on a Ray actor.
+
+    ARC loads its final model now, so load time is not counted against the first question.
+    """
+    st = load_eval_stack(stack, single, chat=kind == "instruct", threads=threads, ctx_size=ctx_size,
+                         max_tokens=max_tokens, verbose=verbose)
+    if kind == "arc":
+        try:
+            final_stage_model(st)
+        except BaseException:
+            st.close()
+            raise
+    return st
+
+
+def record_for(kind: str, st: Stack, item, single: bool) -> ArcRecord | InstructRecord:
+    """One ARC question scored, or one Alpaca row answered and scored."""
+    return arc_record(st, item, single) if kind == "arc" else instruct_record(st, item)
+
+
+def _score_all(kind: str, stack: str | Path | Manifest, single: str | None, items: list, *, ray: "RayEval | None",
+               threads: int | None, ctx_size: int | None, max_tokens: int | None, verbose: bool,
+               progress: Progress | None) -> tuple[list, float, int]:
+    """Every item's record in order, the load seconds and the peak RSS: on a Ray cluster or in this process."""
+    if ray is not None:
+        from ..ray import evaluate_on_ray
+
+        return evaluate_on_ray(kind, stack, single, items, ray, threads=threads, ctx_size=ctx_size,
+                               max_tokens=max_tokens, progress=progress)
+    records = []
+    with RssSampler() as sampler:
+        t0 = time.perf_counter()
+        with load_for(kind, stack, single, threads=threads, ctx_size=ctx_size, max_tokens=max_tokens,
+                      verbose=verbose) as st:
+            load_seconds = time.perf_counter() - t0
+            for done, item in enumerate(items, 1):
+                records.append(record_for(kind, st, item, single is not None))
+                if progress:
+                    progress(done, len(items))
+    return records, load_seconds, sampler.peak_bytes
+
+
 def evaluate_arc(
     stack: str | Path | Manifest,
     data_path: str | Path,
@@ -355,39 +396,11 @@ def evaluate_arc(
     report is the same, in question order; its peak RSS is the largest actor's.
     """
     questions = _limited(load_arc(data_path), limit, data_path)
-    if ray is not None:
-        from ..ray import evaluate_on_ray
-
-        records, load_seconds, peak = evaluate_on_ray("arc", stack, single, questions, ray, threads=threads,
-                                                      ctx_size=ctx_size, max_tokens=max_tokens, progress=progress)
-        return arc_report(records, label=_label(stack, single), single=single is not None, data_path=data_path,
-                          load_seconds=load_seconds, peak_rss_bytes=peak)
-    records, load_seconds, peak = _evaluate_here(
-        stack, single, questions, lambda st, q: arc_record(st, q, single is not None), chat=False, preload=True,
-        threads=threads, ctx_size=ctx_size, max_tokens=max_tokens, verbose=verbose, progress=progress)
+    records, load_seconds, peak = _score_all("arc", stack, single, questions, ray=ray, threads=threads,
+                                             ctx_size=ctx_size, max_tokens=max_tokens, verbose=verbose,
+                                             progress=progress)
     return arc_report(records, label=_label(stack, single), single=single is not None, data_path=data_path,
                       load_seconds=load_seconds, peak_rss_bytes=peak)
-
-
-def instruct_record(st: Stack, ex) -> InstructRecord:
-    """Answer one Alpaca row and score the answer against its reference."""
-    result = st.run(ex.input, truncate=True)
-    scores = text_scores(result.answer, ex.output)
-    return InstructRecord(id=ex.id, input=ex.input, reference=ex.output, answer=result.answer,
-                          seconds=result.total_seconds, **scores)
-
-
-def instruct_report(records: list[InstructRecord], *, label: str, single: bool, data_path: str | Path, split: str,
-                    load_seconds: float, peak_rss_bytes: int) -> InstructReport:
-    def mean(key: str) -> float:
-        return float(np.mean([getattr(r, key) for r in records]))
-
-    return InstructReport(
-        stack=label, mode="single" if single else "stack", data=str(data_path), split=split,
-        n=len(records), exact_match=mean("exact_match"), rouge1=mean("rouge1"), rougeL=mean("rougeL"),
-        levenshtein=mean("levenshtein"), mean_seconds=mean("seconds"), load_seconds=load_seconds,
-        peak_rss_bytes=peak_rss_bytes, records=records,
-    )
 
 
 def evaluate_instruct(
@@ -410,16 +423,8 @@ def evaluate_instruct(
     ``ray`` shards the rows over a Ray cluster, as in :func:`evaluate_arc`.
     """
     examples = _limited(load_alpaca(data_path, split), limit, data_path)
-    label, is_single = _label(stack, single), single is not None
-    if ray is not None:
-        from ..ray import evaluate_on_ray
-
-        records, load_seconds, peak = evaluate_on_ray("instruct", stack, single, examples, ray, threads=threads,
-                                                      ctx_size=ctx_size, max_tokens=max_tokens, progress=progress)
-        return instruct_report(records, label=label, single=is_single, data_path=data_path, split=split,
-                               load_seconds=load_seconds, peak_rss_bytes=peak)
-    records, load_seconds, peak = _evaluate_here(
-        stack, single, examples, instruct_record, chat=True, preload=False, threads=threads, ctx_size=ctx_size,
-        max_tokens=max_tokens, verbose=verbose, progress=progress)
-    return instruct_report(records, label=label, single=is_single, data_path=data_path, split=split,
-                           load_seconds=load_seconds, peak_rss_bytes=peak)
+    records, load_seconds, peak = _score_all("instruct", stack, single, examples, ray=ray, threads=threads,
+                                             ctx_size=ctx_size, max_tokens=max_tokens, verbose=verbose,
+                                             progress=progress)
+    return instruct_report(records, label=_label(stack, single), single=single is not None, data_path=data_path,
+                           split=split, load_seconds=load_seconds, peak_rss_bytes=peak)
