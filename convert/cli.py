@@ -48,11 +48,8 @@ def convert(hf_dir: Path, out: Path | None, outtype: str, pre_tokenizer: str | N
     if out is not None and outfile is not None and out != outfile:
         raise click.UsageError(f"two outputs given ({out} and --outfile {outfile}) — give one")
     out = out or outfile or Path(f"{hf_dir.resolve().name}.{outtype}.gguf")
-    bar = ProgressBar(f"converting to {outtype}", show_pos=False)
-    try:
+    with ProgressBar(f"converting to {outtype}", show_pos=False) as bar:
         rep = convert_hf(hf_dir, out, outtype, pre_tokenizer=pre_tokenizer, progress=bar)
-    finally:
-        bar.close()
     if as_json:
         _echo_json(rep.to_dict())
         return
@@ -80,11 +77,8 @@ def convert_lora(peft_dir: Path, out: Path, base_dir: Path, outtype: str, base_g
     """Convert the PEFT LoRA folder PEFT_DIR to a llama.cpp LoRA GGUF file OUT."""
     from .lora_to_gguf import convert_lora as run
 
-    bar = ProgressBar("merging and converting" if merge else "converting adapter", show_pos=False)
-    try:
+    with ProgressBar("merging and converting" if merge else "converting adapter", show_pos=False) as bar:
         rep = run(peft_dir, base_dir, out, outtype, merge=merge, base_gguf=base_gguf, progress=bar)
-    finally:
-        bar.close()
     if as_json:
         _echo_json(rep.to_dict())
         return
@@ -117,12 +111,9 @@ def quantize(in_path: Path, out: Path, qtype: str, threads: int, allow_requantiz
     from .quantize import quantize as run
 
     name = normalize_qtype(qtype)
-    bar = ProgressBar(f"quantizing to {name}", show_pos=False)
-    try:
+    with ProgressBar(f"quantizing to {name}", show_pos=False) as bar:
         rep = run(in_path, out, name, threads=threads, progress=bar, allow_requantize=allow_requantize,
                   verbose=verbose)
-    finally:
-        bar.close()
     if as_json:
         _echo_json(rep.to_dict())
         return
@@ -154,17 +145,14 @@ def build(source: Path, profile: str, out_dir: Path, force: bool, threads: int, 
     """
     from .build import build_stack
 
-    bar = ProgressBar(show_pos=False)
+    with ProgressBar(show_pos=False) as bar:
 
-    def log(line: str) -> None:
-        bar.restart(line.split(": ", 1)[-1])
-        if not as_json:
-            click.echo(line, err=True)
+        def log(line: str) -> None:
+            bar.restart(line.split(": ", 1)[-1])
+            if not as_json:
+                click.echo(line, err=True)
 
-    try:
         rep = build_stack(source, profile, out_dir, progress=bar, log=log, force=force, threads=threads)
-    finally:
-        bar.close()
     if as_json:
         _echo_json(rep.to_dict())
         return

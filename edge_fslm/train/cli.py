@@ -46,12 +46,9 @@ def distill(stack, data, teacher, out_dir, limit, split, threads, parallel, ray_
 
     ray = RayOptions(address=ray_address, actors=ray_actors, shard_size=ray_shard_size) if ray_address else None
 
-    bar = ProgressBar("distilling")
-    try:
+    with ProgressBar("distilling") as bar:
         report = run_distill(stack, [(p, limit) for p in data], teacher, out_dir, split=split, threads=threads,
                              parallel=parallel, progress=None if as_json else bar, ray=ray)
-    finally:
-        bar.close()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -113,9 +110,6 @@ def train_recipe(recipe, data_dir, out_dir, threads):
     """
     from .recipe import run_recipe
 
-    bar = ProgressBar("distilling")
-    try:
+    with ProgressBar("distilling") as bar:
         report = run_recipe(recipe, data_dir, out_dir, threads=threads, progress=bar, log=_log)
-    finally:
-        bar.close()
     click.echo(f"done in {report.seconds:.0f} s — run it with: edge-fslm run --stack {Path(out_dir) / 'stack.toml'} \"...\"")
