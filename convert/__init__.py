@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 _WHERE = {
-    "ConvertError": "_common",
+    "ConvertError": "common",
     "convert_hf": "hf_to_gguf",
     "ConvertReport": "hf_to_gguf",
     "SUPPORTED_ARCHITECTURES": "hf_to_gguf",

@@ -43,7 +43,7 @@ from .. import __version__, gguf_info, sources
 from ..errors import EdgeFSLMError, ManifestError
 from ..manifest import STACK_FILE, Manifest, RuntimeSpec, parse_manifest
 from .device_profile import Profile, load_profile
-from ._common import ConvertError, Progress, atomic_output
+from .common import ConvertError, Progress, atomic_output
 from .hf_to_gguf import convert_hf
 from .lora_to_gguf import convert_lora
 from .quantize import normalize_qtype, quantize

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ._common import ConvertError
+from .common import ConvertError
 
 __all__ = ["TensorRef", "Checkpoint", "open_checkpoint", "read_json", "SafetensorsFile"]
 

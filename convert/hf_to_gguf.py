@@ -41,7 +41,7 @@ import gguf
 import numpy as np
 
 from .. import gguf_info
-from ._common import ConvertError, Progress, atomic_output, output_path
+from .common import ConvertError, Progress, atomic_output, output_path
 from .checkpoint import Checkpoint, open_checkpoint
 from .vocab import add_vocab
 

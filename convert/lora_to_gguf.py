@@ -38,7 +38,7 @@ import gguf
 import numpy as np
 
 from .. import gguf_info
-from ._common import ConvertError, Progress, atomic_output, output_path
+from .common import ConvertError, Progress, atomic_output, output_path
 from .checkpoint import SafetensorsFile, open_checkpoint, read_json
 from .hf_to_gguf import ConvertReport, arch_for, convert_hf
 

@@ -28,7 +28,7 @@ from typing import Any
 import gguf
 
 from .. import gguf_info
-from ._common import ConvertError, Progress, atomic_output, output_path
+from .common import ConvertError, Progress, atomic_output, output_path
 
 __all__ = ["QUANT_TYPES", "QuantizeReport", "normalize_qtype", "quantize"]
 

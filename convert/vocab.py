@@ -34,7 +34,7 @@ from typing import Any
 
 import gguf
 
-from ._common import ConvertError
+from .common import ConvertError
 from .checkpoint import read_json
 
 __all__ = ["VocabInfo", "PRE_TOKENIZERS", "detect_pre_tokenizer", "add_vocab"]

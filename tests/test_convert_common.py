@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_fslm.convert._common import ConvertError, atomic_output
+from edge_fslm.convert.common import ConvertError, atomic_output
 from edge_fslm.convert.checkpoint import SafetensorsFile
 from edge_fslm.convert.toml_writer import dumps_manifest, toml_value
 
