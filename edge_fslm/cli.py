@@ -92,7 +92,9 @@ def cli_spelling(message: str) -> str:
     return message
 
 
-class _Group(click.Group):
+class CliGroup(click.Group):
+    """The group every command runs under: an EdgeFSLMError becomes one ``error:`` line and its exit code."""
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -112,7 +114,7 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edge-fslm")
 def main() -> None:
     """Run stacks of small fine-tuned language models on-device, offline."""

@@ -46,6 +46,8 @@ __all__ = [
     "resolve",
     "fetch",
     "sha256_file",
+    "forget_digests",
+    "hf_offline_env",
     "verify_sha256",
     "strict_problem",
     "check_strict",
@@ -198,6 +200,12 @@ _digests_lock = threading.Lock()
 def _stat_key(real: str) -> tuple[str, int, int]:
     st = os.stat(real)
     return (real, st.st_size, st.st_mtime_ns)
+
+
+def forget_digests() -> None:
+    """Drop the in-process hash cache: the next :func:`sha256_file` reads every file again."""
+    with _digests_lock:
+        _digests.clear()
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -368,7 +376,7 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in _TRUE
 
 
-def _hf_offline_env() -> bool:
+def hf_offline_env() -> bool:
     """True when the environment (now, or when huggingface_hub was imported) asks for offline mode.
 
     huggingface_hub reads HF_HUB_OFFLINE once, at import, into
@@ -464,7 +472,7 @@ def _resolve_hf(ref: SourceRef, *, offline: bool, cache_first: bool, pulling: bo
     metadata_error = getattr(hf_errors, "FileMetadataError", OSError)
 
     def not_cached() -> SourceError:
-        env_offline = _hf_offline_env()
+        env_offline = hf_offline_env()
         why = "HF_HUB_OFFLINE is set" if env_offline else "offline mode was requested"
         if pulling and env_offline:
             todo = "unset HF_HUB_OFFLINE (or set it to 0) to download it"
@@ -495,7 +503,7 @@ def _resolve_hf(ref: SourceRef, *, offline: bool, cache_first: bool, pulling: bo
             got = download(offline)
     except local_missing as exc:
         # Not in the cache, and the Hub could not be asked (offline) or did not answer usefully.
-        if offline or _hf_offline_env() or isinstance(exc.__cause__, offline_refused):
+        if offline or hf_offline_env() or isinstance(exc.__cause__, offline_refused):
             raise not_cached() from None
         code, url = _http_status(exc)
         if code is not None:
@@ -648,7 +656,7 @@ def resolve(
 
         path = chunks.resolve(ref.path or "")
     else:
-        path = _resolve_hf(ref, offline=bool(offline) or _hf_offline_env(), cache_first=True)
+        path = _resolve_hf(ref, offline=bool(offline) or hf_offline_env(), cache_first=True)
     return _finish(ref, path, sha256)
 
 
@@ -675,5 +683,5 @@ def fetch(
         problem = strict_problem(ref, sha256)
         if problem:
             raise SourceError(problem)
-    path = _resolve_hf(ref, offline=_hf_offline_env(), cache_first=False, pulling=True)
+    path = _resolve_hf(ref, offline=hf_offline_env(), cache_first=False, pulling=True)
     return _finish(ref, path, sha256)

@@ -87,7 +87,7 @@ def _tokens(lm: LoadedModel, segments: list[tuple[str, bool]]) -> list[int]:
     return tokens
 
 
-def _speaks_special(lm: LoadedModel, text: str) -> bool:
+def speaks_special(lm: LoadedModel, text: str) -> bool:
     """Whether ``text`` holds a special token's spelling (``<|im_start|>``, ``<s>``, ...).
 
     llama.cpp parses only control and unknown tokens differently with special tokens on, so
@@ -114,7 +114,7 @@ def prompt_tokens(lm: LoadedModel, stage: StageSpec, values: dict[str, str]) -> 
     otherwise the prompt is rendered with a marker per field and the template's text and
     the values are tokenized apart, the values with special tokens off.
     """
-    if not any(_speaks_special(lm, values.get(f, "")) for f in stage.reads):
+    if not any(speaks_special(lm, values.get(f, "")) for f in stage.reads):
         return tokenize(lm, render_prompt(lm, stage, values))
     marked = render_prompt(lm, stage, {f: f"{_MARK_OPEN}{f}{_MARK_CLOSE}" for f in stage.reads})
     parts = _MARK.split(marked)  # literal, field, literal, field, ..., literal
@@ -215,7 +215,7 @@ def prepare(
     return tokens, len(input_tokens) - keep + _dropped_by_cut(lm, cut_bytes)
 
 
-class _StopScanner:
+class StopScanner:
     """Turns a growing text into safe-to-emit pieces.
 
     It holds back a tail that may be the start of a stop string, never emits leading
@@ -276,7 +276,7 @@ class TokenCollector:
     def __init__(self, lm: LoadedModel, stage: StageSpec):
         self.lm = lm
         self.max_tokens = stage.max_tokens
-        self.scanner = _StopScanner(stage.stop)
+        self.scanner = StopScanner(stage.stop)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.n = 0
         self.stop_reason = "length"

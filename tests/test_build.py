@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_fslm import Stack, gguf_info
-from edge_fslm.cli import _Group, main
+from edge_fslm.cli import CliGroup, main
 from edge_fslm.convert import ConvertError, build_stack
 from edge_fslm.convert.build import REPORT_FILE
 from edge_fslm.convert.cli import build as build_cmd
@@ -146,7 +146,7 @@ def test_failed_build_keeps_the_previous_stack(source, tmp_path):
 
 def test_cli_build_then_run(source, tmp_path):
     out = tmp_path / "out"
-    group = _Group(commands={"build": build_cmd})
+    group = CliGroup(commands={"build": build_cmd})
     res = CliRunner().invoke(group, ["build", str(source), "--profile", "pi4-2gb", "--out", str(out), "-t", "1"])
     assert res.exit_code == 0, res.output
     assert "2 built, 0 up to date" in res.output

@@ -77,7 +77,7 @@ def test_chunks_reference_resolves_after_assembly(tmp_path, cache, monkeypatch):
     # a file changed in the cache after assembly is caught on the next load
     with open(path, "r+b") as f:
         f.write(b"X")
-    sources._digests.clear()
+    sources.forget_digests()
     with pytest.raises(SourceError, match="sha256 mismatch — expected"):
         sources.resolve("chunks://toy-model")
     assert spec_file.is_file()

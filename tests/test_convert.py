@@ -221,10 +221,10 @@ def test_truncated_weights_fail_cleanly(tmp_path):
 def test_convert_command(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from edge_fslm.cli import _Group
+    from edge_fslm.cli import CliGroup
     from edge_fslm.convert.cli import convert as convert_cmd
 
-    group = _Group(commands={"convert": convert_cmd})  # the main group's error handling
+    group = CliGroup(commands={"convert": convert_cmd})  # the main group's error handling
     runner = CliRunner()
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(group, ["convert", str(tiny_llama_dir()), "--outtype", "f32"])

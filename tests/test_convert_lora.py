@@ -162,11 +162,11 @@ def test_converted_adapter_is_checked_against_the_base_gguf(tmp_path):
 def test_convert_lora_command(tmp_path):
     from click.testing import CliRunner
 
-    from edge_fslm.cli import _Group
+    from edge_fslm.cli import CliGroup
     from edge_fslm.convert.cli import convert_lora as convert_lora_cmd
 
     peft_dir = make_lora(tiny_llama_dir(), work_dir() / "lora-tiny-llama", LLAMA_TARGETS)
-    group = _Group(commands={"convert-lora": convert_lora_cmd})
+    group = CliGroup(commands={"convert-lora": convert_lora_cmd})
     runner = CliRunner()
     res = runner.invoke(group, ["convert-lora", str(peft_dir), str(tmp_path / "a.gguf"), "--base", str(tiny_llama_dir()),
                                 "--base-gguf", str(converted(tiny_llama_dir(), "f16"))])

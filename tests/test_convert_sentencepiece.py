@@ -213,7 +213,7 @@ def test_spm_metadata(spm_dir):
 def test_report_and_command_name_the_sentencepiece_tokenizer(spm_dir, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from edge_fslm.cli import _Group
+    from edge_fslm.cli import CliGroup
     from edge_fslm.convert.cli import convert as convert_cmd
 
     rep = convert_hf(spm_dir, tmp_path / "m.gguf", "f32")
@@ -221,7 +221,7 @@ def test_report_and_command_name_the_sentencepiece_tokenizer(spm_dir, tmp_path, 
     assert rep.warnings == [f"{SPM_PADDING} unused ids padded as [PAD<id>] to reach vocab_size "
                             f"{json.loads((spm_dir / 'config.json').read_text())['vocab_size']}"]
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(_Group(commands={"convert": convert_cmd}), ["convert", str(spm_dir), "-t", "f32"])
+    res = CliRunner().invoke(CliGroup(commands={"convert": convert_cmd}), ["convert", str(spm_dir), "-t", "f32"])
     assert res.exit_code == 0, res.output
     assert "SentencePiece tokenizer" in res.output
 

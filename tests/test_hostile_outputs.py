@@ -161,11 +161,11 @@ SPELLINGS = ["hi", "", "<|im_end|>", "a<|im_start|>system", "<|endoftext|>", "<s
 
 def test_speaking_special_is_what_llama_cpp_parses_differently(tmp_path):
     """The one-tokenization check agrees with its definition: special parsing on and off differ."""
-    from edge_fslm.stage import _speaks_special
+    from edge_fslm.stage import speaks_special
 
     with Stack.load(stack_for(tmp_path, smollm2(), max_tokens=2, ctx_size=64), threads=1) as st:
         lm = st.pipeline.pool.get(st.pipeline.models["m"])
         for text in SPELLINGS:
             raw = text.encode()
             differs = lm.llm.tokenize(raw, add_bos=False, special=True) != lm.llm.tokenize(raw, add_bos=False, special=False)
-            assert _speaks_special(lm, text) == differs, text
+            assert speaks_special(lm, text) == differs, text

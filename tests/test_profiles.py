@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from edge_fslm.cli import _Group
+from edge_fslm.cli import CliGroup
 from edge_fslm.convert import QUANT_TYPES
 from edge_fslm.convert.cli import profiles as profiles_cmd
 from edge_fslm.errors import ManifestError
@@ -115,7 +115,7 @@ def test_unknown_profile_names(tmp_path):
 
 
 def test_profiles_command():
-    group = _Group(commands={"profiles": profiles_cmd})
+    group = CliGroup(commands={"profiles": profiles_cmd})
     res = CliRunner().invoke(group, ["profiles"])
     assert res.exit_code == 0, res.output
     for name in REQUIRED:

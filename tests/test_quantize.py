@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_fslm import gguf_info
-from edge_fslm.cli import _Group
+from edge_fslm.cli import CliGroup
 from edge_fslm.convert import QUANT_TYPES, ConvertError, quantize
 from edge_fslm.convert.cli import quantize as quantize_cmd
 from edge_fslm.errors import GGUFError
@@ -112,7 +112,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_quantize_command(tmp_path):
-    group = _Group(commands={"quantize": quantize_cmd})  # the main group's error handling
+    group = CliGroup(commands={"quantize": quantize_cmd})  # the main group's error handling
     runner = CliRunner()
     src = converted(tiny_llama_dir(), "f16")
     res = runner.invoke(group, ["quantize", str(src), str(tmp_path / "q.gguf"), "q4_0", "-t", "1"])

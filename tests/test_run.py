@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from edge_fslm import Stack
 from edge_fslm.errors import ManifestError, PromptError, SourceError
-from edge_fslm.stage import _StopScanner
+from edge_fslm.stage import StopScanner
 
 from .conftest import write_manifest
 
@@ -239,7 +239,7 @@ def test_closed_stack_refuses(smollm2_path):
     stops=st.lists(st.text(alphabet="ab \nXY", min_size=1, max_size=3), max_size=3),
 )
 def test_stop_scanner_pieces_join_to_the_output(chunks, stops):
-    sc = _StopScanner(tuple(stops))
+    sc = StopScanner(tuple(stops))
     out = ""
     for c in chunks:
         out += sc.feed(c)

@@ -599,7 +599,7 @@ def test_offline_env_truthiness(monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     for value, expected in [("1", True), ("true", True), ("YES", True), ("0", False), ("", False), ("no", False)]:
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
-        assert sources._hf_offline_env() is expected, value
+        assert sources.hf_offline_env() is expected, value
 
 
 def test_symlink_loop_says_so(tmp_path):
