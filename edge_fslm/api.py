@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -115,6 +115,7 @@ class Stack:
         mmap: bool | None = None,
         seed: int | None = None,
         flash_attn: bool | None = None,
+        adapter_residency: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         budget: str | int | None = None,
@@ -139,7 +140,7 @@ class Stack:
         manifest, models, adapters, plan = prepare_stack(
             stack, budget=budget, policy=policy, offline=offline, strict=strict, ctx_size=ctx_size, threads=threads,
             batch_size=batch_size, gpu_layers=gpu_layers, mmap=mmap, seed=seed, flash_attn=flash_attn,
-            max_tokens=max_tokens, temperature=temperature,
+            adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature,
         )
         return cls.from_prepared(manifest, models, adapters, plan, verbose=verbose, measure_rss=measure_rss,
                                  preload=preload, pool=pool)
@@ -160,7 +161,8 @@ class Stack:
         """A Stack from what :func:`prepare_stack` returned, without resolving its files again
         (the server prepares every stack at start and loads each on its first request)."""
         require_fit(plan)
-        settings = LoadSettings.from_runtime(manifest.runtime, verbose=verbose)
+        settings = replace(LoadSettings.from_runtime(manifest.runtime, verbose=verbose),
+                           adapter_residency=plan.adapter_residency)
         owns_pool = pool is None
         if pool is None:
             pool = ModelPool(settings, max_resident=plan.max_resident)

@@ -20,7 +20,7 @@ import click
 
 from . import __version__
 from .errors import EdgeFSLMError, PromptError
-from .manifest import POLICIES
+from .manifest import ADAPTER_RESIDENCIES, POLICIES
 from .progress import ProgressBar
 from .units import fmt_bytes
 
@@ -153,6 +153,13 @@ def _on_off(value: str | None) -> bool | None:
     return None if value is None else value == "on"
 
 
+_adapter_residency_option = click.option(
+    "--adapter-residency", "adapter_residency", type=click.Choice(["auto", *ADAPTER_RESIDENCIES]),
+    help="LoRA adapters kept loaded on a shared base: all (a swap is one llama.cpp call), or only the"
+         " active one (a swap reads the next file again: less memory). Default: the manifest's, auto:"
+         " all, unless --budget needs the room.")
+
+
 def _runtime_options(f):
     opts = [
         click.option("--stack", "-s", "stack", default="fslm-smollm2", show_default=True,
@@ -168,6 +175,7 @@ def _runtime_options(f):
         click.option("--budget", "-b", help="Peak-RSS budget for the whole process: 300MB, 1.5GiB, or 40% of available RAM."),
         click.option("--policy", type=click.Choice(POLICIES),
                      help="Residency policy (default: the planner chooses)."),
+        _adapter_residency_option,
         click.option("--offline/--online", default=None, help="Never touch the network for hf:// models (HF_HUB_OFFLINE)."),
         click.option("--strict", is_flag=True,
                      help="Refuse hf:// models/adapters not pinned to a 40-hex commit and a sha256."),
@@ -199,8 +207,8 @@ def _runtime_options(f):
               help="Actors (one stack each) for --ray (default: the cluster's CPUs / threads).")
 @click.option("--ray-shard-size", type=click.IntRange(1, 100000), default=16, show_default=True,
               help="Prompts per shard for --ray: the unit that is retried, saved and resumed.")
-def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, policy, offline, strict, verbose,
-        max_tokens, temperature, trace, as_json, truncate, input_path, output_path, parallel, ray_address, ray_actors,
+def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, policy, adapter_residency, offline,
+        strict, verbose, max_tokens, temperature, trace, as_json, truncate, input_path, output_path, parallel, ray_address, ray_actors,
         ray_shard_size):
     """Run PROMPT through a stack and print the answer ('-' reads stdin).
 
@@ -221,17 +229,17 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, 
         if ray_address:
             _run_batch_ray(stack, input_path, output_path, truncate, parallel, ray_address, ray_actors, ray_shard_size,
                            threads, dict(ctx_size=ctx_size, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
-                                         max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy,
+                                         adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy,
                                          offline=offline, strict=strict))
             return
         _run_batch(stack, input_path, output_path, truncate, verbose, parallel,
                    dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
-                        max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
+                        adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
                         strict=strict))
         return
     text = _read_prompt(prompt)
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
-                    max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
+                    adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
                     strict=strict, verbose=verbose, preload=False) as st:  # load inside the run, so the trace shows what loading cost
         on_end = _print_trace if trace else None
         if as_json:  # the JSON on stdout; with --trace the readable trace goes to stderr too
@@ -252,7 +260,7 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, 
             predicted = f" (predicted {fmt_bytes(result.predicted_peak_rss_bytes, 1)})" if result.predicted_peak_rss_bytes else ""
             click.echo(f"total {result.total_seconds:.2f} s · peak RSS {fmt_bytes(result.peak_rss_bytes, 1)}{predicted}"
                        f" · policy {result.policy} · {result.loads} loads, {result.evictions} evictions,"
-                       f" {result.adapter_swaps} adapter swaps", err=True)
+                       f" {result.adapter_swaps} adapter swaps ({result.adapter_loads} adapter loads)", err=True)
 
 
 def _run_batch(stack, input_path, output_path, truncate, verbose, parallel, options) -> None:
@@ -313,10 +321,11 @@ def _run_batch_ray(stack, input_path, output_path, truncate, parallel, address, 
 @click.option("--ctx-size", "-c", type=int, help="Context size in tokens.")
 @click.option("--batch-size", type=int, help="Batch size in tokens (compute memory grows with it).")
 @click.option("--policy", type=click.Choice(POLICIES))
+@_adapter_residency_option
 @click.option("--offline/--online", default=None)
 @click.option("--strict", is_flag=True, help="Refuse hf:// sources not pinned to a commit and a sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plan(stack, budget, ctx_size, batch_size, policy, offline, strict, as_json):
+def plan(stack, budget, ctx_size, batch_size, policy, adapter_residency, offline, strict, as_json):
     """Predict a stack's memory and choose a residency policy, before loading anything.
 
     Exits 2 when no policy fits the budget.
@@ -325,7 +334,7 @@ def plan(stack, budget, ctx_size, batch_size, policy, offline, strict, as_json):
     from .memory import require_fit
 
     _, _, _, p = prepare_stack(stack, budget=budget, policy=policy, offline=offline, strict=strict, ctx_size=ctx_size,
-                               batch_size=batch_size)
+                               batch_size=batch_size, adapter_residency=adapter_residency)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
     else:
@@ -341,7 +350,8 @@ def plan(stack, budget, ctx_size, batch_size, policy, offline, strict, as_json):
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False),
               help="Draw the RSS timeline and latency breakdown to a PNG (needs the [plot] extra).")
-def profile(stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, policy, offline, strict, verbose,
+def profile(stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, policy, adapter_residency, offline, strict,
+            verbose,
             prompts_file, max_tokens, output, plot):
     """Profile a stack: per-stage load, swap, TTFT, tokens/s, peak RSS, and an RSS timeline."""
     from .api import Stack
@@ -354,8 +364,8 @@ def profile(stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, poli
         except ImportError:
             raise click.UsageError("--plot needs matplotlib: pip install 'edge-fslm[plot]'") from None
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
-                    flash_attn=_on_off(flash_attn), budget=budget, policy=policy, offline=offline, strict=strict,
-                    verbose=verbose, preload=False, measure_rss=False) as st:
+                    flash_attn=_on_off(flash_attn), budget=budget, policy=policy, adapter_residency=adapter_residency,
+                    offline=offline, strict=strict, verbose=verbose, preload=False, measure_rss=False) as st:
         report = profile_stack(st, prompts)
     click.echo(format_report(report))
     if output:

@@ -148,6 +148,11 @@ def load_adapter(llm: "Llama", path: str) -> Any:
     return lib().llama_adapter_lora_init(model_ptr(llm), path.encode()) or None
 
 
+def free_adapter(handle: Any) -> None:
+    """Free one adapter now; no context may have it set. (Otherwise llama.cpp frees it with its model.)"""
+    lib().llama_adapter_lora_free(handle)
+
+
 def set_adapter(ctx: Any, handle: Any, scale: float) -> int:
     """Make ``handle`` at ``scale`` (or no adapter, for None) the whole active set of ``ctx``;
     llama.cpp's return code."""

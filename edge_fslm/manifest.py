@@ -36,6 +36,10 @@ ROLES = ("system", "user", "assistant")
 RESIDENCY_POLICIES = ("all", "lru", "sequential", "shared-base")  # what the planner can choose
 POLICIES = ("auto", *RESIDENCY_POLICIES)  # what a manifest, a profile or --policy may name
 KV_CACHE_TYPES = ("f16", "q8_0", "f32")
+# What stays loaded of a shared base's LoRA adapters: "all" once used (a swap is one llama.cpp
+# call), or only the "active" one (a swap reads the next adapter's file again). "auto" keeps
+# them all unless the memory budget needs the room.
+ADAPTER_RESIDENCIES = ("all", "active")
 MAX_CTX = 1 << 20
 MAX_TOKENS = 1 << 16
 RESERVED_FIELDS = ("input",)
@@ -148,6 +152,7 @@ class RuntimeSpec:
     # slot past position 256 decodes alone (the CPU kernel for a lone query changes there; see
     # parallel.py). Off: the KQ scores take memory per KV cell, and every --parallel step batches.
     flash_attn: bool = True
+    adapter_residency: str = "auto"  # auto | all | active (ADAPTER_RESIDENCIES)
 
 
 @dataclass(frozen=True)
@@ -488,6 +493,12 @@ def _check_runtime(rt: dict[str, Any], where: str, problems: list[str]) -> Runti
             problems.append(f"{where}: policy: expected one of {', '.join(POLICIES)}, got {_show(rt['policy'])}")
         else:
             values["policy"] = rt["policy"]
+    if "adapter_residency" in rt:
+        if rt["adapter_residency"] not in ("auto", *ADAPTER_RESIDENCIES):
+            problems.append(f"{where}: adapter_residency: expected one of auto, {', '.join(ADAPTER_RESIDENCIES)},"
+                            f" got {_show(rt['adapter_residency'])}")
+        else:
+            values["adapter_residency"] = rt["adapter_residency"]
     if "budget" in rt and rt["budget"] is not None:
         if not isinstance(rt["budget"], str):
             problems.append(f"{where}: budget: expected a string like \"300MB\" or \"40%\", got {_show(rt['budget'])}")

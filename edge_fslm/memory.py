@@ -133,13 +133,15 @@ def compute_bytes(info: GGUFInfo, batch_size: int, ctx_size: int, *, flash_attn:
 
 def footprint(model_id: str, info: GGUFInfo, *, ctx_size: int, batch_size: int,
               adapters: list[GGUFInfo] | None = None, prefix_tokens: int = 0,
-              kv_cache_type: str = "f16", flash_attn: bool = True) -> Footprint:
+              kv_cache_type: str = "f16", flash_attn: bool = True, adapter_residency: str = "all") -> Footprint:
+    """``adapter_residency`` "active" holds one adapter at a time: the largest is what it costs."""
+    adapter_bytes = [a.tensor_bytes for a in adapters or []]
     return Footprint(
         model=model_id,
         weights=info.tensor_bytes,
         kv_cache=kv_cache_bytes(info, ctx_size, effective_kv_type(info, kv_cache_type)),
         compute=compute_bytes(info, batch_size, ctx_size, flash_attn=flash_attn),
-        adapters=sum(a.tensor_bytes for a in adapters or []),
+        adapters=sum(adapter_bytes) if adapter_residency == "all" else max(adapter_bytes, default=0),
         overhead=MODEL_OVERHEAD + OVERHEAD_PER_VOCAB * (info.n_vocab or 0),
         prefix_cache=kv_cache_bytes(info, min(prefix_tokens, ctx_size), effective_kv_type(info, kv_cache_type)),
     )
@@ -175,11 +177,13 @@ class Plan:
     fits: bool
     minimum: tuple[str, int]  # the cheapest policy and its predicted peak
     alternatives: dict[str, int] = field(default_factory=dict)  # policy -> predicted peak
+    adapter_residency: str = "all"  # "all" adapters stay loaded, or only the "active" one
 
     def to_dict(self) -> dict:
         return {
             "stack": self.stack,
             "policy": self.policy,
+            "adapter_residency": self.adapter_residency,
             "max_resident": self.max_resident,
             "ctx_size": self.ctx_size,
             "batch_size": self.batch_size,
@@ -214,6 +218,8 @@ class Plan:
             lines.append(f"{mark} {shown:<22} predicted peak RSS {fmt_bytes(peak)}")
         budget = "none" if self.budget is None else fmt_bytes(self.budget)
         verdict = "fits" if self.fits else "does NOT fit"
+        if self.adapter_residency == "active":
+            lines.append("adapters: one at a time (adapter_residency active; each swap reads the next file again)")
         lines.append(f"policy {self.policy}: predicted peak RSS {fmt_bytes(self.predicted_peak)}; budget {budget} — {verdict}")
         return "\n".join(lines)
 

@@ -115,6 +115,10 @@ class ParallelContext:
     def use_adapter(self, adapter: ResolvedAdapter | None, counters: PoolCounters) -> None:
         want = None if adapter is None else (str(adapter.path), adapter.scale)
         if want != self.adapter:
+            if not self.lm.keep_adapters and isinstance(self.adapter, tuple):
+                self.lm.set_adapter_on(self.ctx, None, counters)  # as LoadedModel.activate: free before reading
+                self.adapter = None
+                self.lm.release_adapters(keep=want[0] if want else None)
             self.lm.set_adapter_on(self.ctx, adapter, counters)
             self.adapter = want
 

@@ -70,6 +70,7 @@ class RunResult:
     loads: int = 0
     evictions: int = 0
     adapter_swaps: int = 0
+    adapter_loads: int = 0  # adapter files read: once each, or on every swap with adapter_residency "active"
     predicted_peak_rss_bytes: int | None = None
     extra: dict = field(default_factory=dict)
 
@@ -84,6 +85,7 @@ class RunResult:
             "loads": self.loads,
             "evictions": self.evictions,
             "adapter_swaps": self.adapter_swaps,
+            "adapter_loads": self.adapter_loads,
             "predicted_peak_rss_bytes": self.predicted_peak_rss_bytes,
             **self.extra,
         }
@@ -382,6 +384,7 @@ class Pipeline:
             loads=spent.loads,
             evictions=spent.evictions,
             adapter_swaps=spent.adapter_swaps,
+            adapter_loads=spent.adapter_loads,
         )
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from . import gguf_info, sources
 from .errors import SourceError
-from .manifest import Manifest, load_stack
+from .manifest import ADAPTER_RESIDENCIES, Manifest, load_stack
 from .memory import Footprint, Plan, StageRow, footprint, parse_budget, plan_residency, process_baseline
-from .pool import ResolvedAdapter, ResolvedModel
+from .pool import ResolvedAdapter, ResolvedModel, file_mark
 
 
 def _with_field(manifest: Manifest, field: str, resolve):
@@ -60,7 +60,8 @@ def resolve_adapters(
             allow_absolute=manifest.trusted,
         ))
         info = gguf_info.validate_adapter(path, models[stage.model].info)
-        out[stage.name] = ResolvedAdapter(path=Path(path), info=info, scale=stage.adapter.scale)
+        out[stage.name] = ResolvedAdapter(path=Path(path), info=info, scale=stage.adapter.scale,
+                                          file_mark=file_mark(Path(path)))
     return out
 
 
@@ -72,10 +73,11 @@ class ResidencyUnit:
     adapters: dict[str, gguf_info.GGUFInfo]  # adapter path -> info
     prefix_tokens: int
 
-    def footprint(self, rt) -> "Footprint":
+    def footprint(self, rt, adapter_residency: str = "all") -> "Footprint":
         return footprint(self.model.id, self.model.info, ctx_size=rt.ctx_size, batch_size=rt.batch_size,
                          adapters=list(self.adapters.values()), prefix_tokens=self.prefix_tokens,
-                         kv_cache_type=rt.kv_cache_type, flash_attn=rt.flash_attn)
+                         kv_cache_type=rt.kv_cache_type, flash_attn=rt.flash_attn,
+                         adapter_residency=adapter_residency)
 
     def merged(self, other: "ResidencyUnit") -> "ResidencyUnit":
         """The same file used by another stack: loaded once, carrying both stacks' adapters."""
@@ -100,6 +102,22 @@ def residency_units(
     return units
 
 
+def plan_units(name: str, units: dict[str, ResidencyUnit], rows: list[StageRow], rt, *, budget: int | None,
+               baseline: int, policy: str = "auto") -> Plan:
+    """The residency plan for ``units``: all adapters loaded if that fits (or ``rt`` says so),
+    else one adapter at a time; the last plan tried names the smallest budget that fits."""
+    for residency in ADAPTER_RESIDENCIES if rt.adapter_residency == "auto" else (rt.adapter_residency,):
+        footprints = {key: unit.footprint(rt, residency) for key, unit in units.items()}
+        plan = plan_residency(
+            stack=name, units=footprints, stages=rows, shared=len(footprints) == 1, ctx_size=rt.ctx_size,
+            batch_size=rt.batch_size, budget=budget, baseline=baseline, policy=policy,
+        )
+        plan.adapter_residency = residency
+        if plan.fits:
+            break
+    return plan
+
+
 def make_plan(
     manifest: Manifest,
     models: dict[str, ResolvedModel],
@@ -112,18 +130,13 @@ def make_plan(
     """Predict each base model's footprint from GGUF metadata and choose a residency policy.
 
     Stages that name the same model file form one residency unit: the base is loaded once
-    and carries every adapter its stages use.
+    and carries every adapter its stages use, all of them loaded at once, or (adapter
+    residency "active", which "auto" falls back to when the budget needs it) one at a time.
     """
-    rt = manifest.runtime
-    units = {key: unit.footprint(rt) for key, unit in residency_units(manifest, models, adapters).items()}
     rows = [StageRow(stage=s.name, model=models[s.model].key,
                      adapter=adapters[s.name].path.name if s.name in adapters else None) for s in manifest.stages]
-    shared = len(units) == 1
-    plan = plan_residency(
-        stack=manifest.name, units=units, stages=rows, shared=shared, ctx_size=rt.ctx_size,
-        batch_size=rt.batch_size, budget=budget, baseline=process_baseline() if baseline is None else baseline,
-        policy=policy,
-    )
+    plan = plan_units(manifest.name, residency_units(manifest, models, adapters), rows, manifest.runtime,
+                      budget=budget, policy=policy, baseline=process_baseline() if baseline is None else baseline)
     # show model ids, not file paths, to people
     names = {m.key: m.id for m in models.values()}
     plan.footprints = {names[k]: v for k, v in plan.footprints.items()}

@@ -6,7 +6,9 @@ with ``llama_adapter_lora_init`` and made active with ``llama_set_adapters_lora`
 which replaces the whole active set in well under a millisecond. The high-level
 ``Llama`` class cannot switch adapters (llama-cpp-python issue 1302), so we keep
 ``Llama`` for loading, tokenizing and sampling and make the adapter calls on its raw
-handles through :mod:`edge_fslm.llama`.
+handles through :mod:`edge_fslm.llama`. Under a tight budget (adapter residency
+``active``) only the adapter a context has set stays loaded: a swap frees the old one
+before it reads the next from its file, so the stack holds one adapter's bytes, not all.
 
 Invariants the pipeline relies on:
 
@@ -14,7 +16,8 @@ Invariants the pipeline relies on:
   active now: every adapter change (and every stage) starts from an empty cache.
 * Adapters belong to their model: llama.cpp frees them with it, so evicting a model
   forgets its adapter handles.
-* Every file reaches llama.cpp only after :mod:`gguf_info` validated it.
+* Every file reaches llama.cpp only after :mod:`gguf_info` validated it, and an adapter
+  read again later must still be the file that was validated (same inode, size, mtime).
 """
 
 from __future__ import annotations
@@ -58,6 +61,13 @@ class ResolvedAdapter:
     path: Path
     info: GGUFInfo
     scale: float = 1.0
+    file_mark: tuple[int, int, int] | None = None  # file_mark(path) when it was validated
+
+
+def file_mark(path: Path) -> tuple[int, int, int]:
+    """What tells a file apart from one swapped in or rewritten since: inode, size, mtime."""
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def default_threads() -> int:
@@ -86,13 +96,17 @@ class LoadSettings:
     # once, and restore it on every later run instead of evaluating it again.
     prefix_cache: bool = True
     kv_cache_type: str = "f16"
+    # "all": an adapter stays loaded once used, so a swap is one llama.cpp call; "active": only
+    # the adapters a context has set stay loaded (the plan resolves the manifest's "auto").
+    adapter_residency: str = "all"
 
     @classmethod
     def from_runtime(cls, rt, *, verbose: bool = False) -> "LoadSettings":
         """The settings a manifest's ``[runtime]`` table (a RuntimeSpec) asks for; threads 0 = one per core."""
         return cls(ctx_size=rt.ctx_size, threads=rt.threads or default_threads(), batch_size=rt.batch_size,
                    gpu_layers=rt.gpu_layers, mmap=rt.mmap, seed=rt.seed, verbose=verbose,
-                   prefix_cache=rt.prefix_cache, kv_cache_type=rt.kv_cache_type, flash_attn=rt.flash_attn)
+                   prefix_cache=rt.prefix_cache, kv_cache_type=rt.kv_cache_type, flash_attn=rt.flash_attn,
+                   adapter_residency="all" if rt.adapter_residency == "auto" else rt.adapter_residency)
 
 
 @dataclass
@@ -132,6 +146,7 @@ class LoadedModel:
     adapters: dict[str, Any] = field(default_factory=dict)  # adapter path -> llama_adapter_lora*
     active: tuple[str, float] | None = None
     pinned: bool = False
+    keep_adapters: bool = True  # False: adapter residency "active"
     prefix_cache_enabled: bool = True
     prefix_cache: dict = field(default_factory=dict)  # stage.prefix_key -> stage.PrefixState
     parallel: Any = None  # parallel.ParallelContext: a multi-sequence context on this model, for batch runs
@@ -156,6 +171,9 @@ class LoadedModel:
         key = str(adapter.path)
         handle = self.adapters.get(key)
         if handle is None:
+            if adapter.file_mark is not None and file_mark(adapter.path) != adapter.file_mark:
+                raise GGUFError(f"{adapter.path}: the file changed on disk after it was validated"
+                                " — load the stack again")
             handle = llama.load_adapter(self.llm, key)
             if handle is None:
                 raise GGUFError(
@@ -177,12 +195,30 @@ class LoadedModel:
             name = adapter.path if adapter else "(none)"
             raise EdgeFSLMError(f"{name}: llama.cpp could not set the adapter (code {rc}) — run with -v for details")
 
+    def release_adapters(self, keep: str | None = None) -> None:
+        """Free every loaded adapter but ``keep`` that no context of this model has set.
+
+        Adapter residency "active" calls this before each swap, so the old adapter's bytes
+        are back before the next one's are read."""
+        used = {keep}
+        if self.active is not None:
+            used.add(self.active[0])
+        held = getattr(self.parallel, "adapter", None)
+        if isinstance(held, tuple):
+            used.add(held[0])
+        for key in [k for k in self.adapters if k not in used]:
+            llama.free_adapter(self.adapters.pop(key))
+
     def activate(self, adapter: ResolvedAdapter | None, counters: PoolCounters) -> bool:
         """Make ``adapter`` (or the bare base) the active set. Returns True when it changed."""
         want = None if adapter is None else (str(adapter.path), adapter.scale)
         if want == self.active:
             return False
         t0 = time.perf_counter()
+        if not self.keep_adapters and self.active is not None:
+            self.set_adapter_on(self.ctx, None, counters)  # nothing may point at an adapter that is freed
+            self.active = None
+            self.release_adapters(keep=want[0] if want else None)
         self.set_adapter_on(self.ctx, adapter, counters)
         self.active = want
         self.clear_kv()  # cached tokens were computed under the previous adapter set
@@ -268,7 +304,8 @@ class ModelPool:
             ) from None
         self.counters.loads += 1
         self.counters.load_seconds += time.perf_counter() - t0
-        return LoadedModel(model=model, llm=llm, prefix_cache_enabled=s.prefix_cache)
+        return LoadedModel(model=model, llm=llm, prefix_cache_enabled=s.prefix_cache,
+                           keep_adapters=s.adapter_residency != "active")
 
     def close_parallel(self, keep: LoadedModel | None = None) -> None:
         """Free the multi-sequence contexts of every loaded model but ``keep``: the budget

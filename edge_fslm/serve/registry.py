@@ -10,14 +10,14 @@ one ``--budget``. A stack that could never fit that budget stops the server at s
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..api import Stack
-from ..plan import ResidencyUnit, prepare_stack, residency_units
+from ..plan import ResidencyUnit, plan_units, prepare_stack, residency_units
 from ..errors import EdgeFSLMError
 from ..manifest import Manifest
-from ..memory import Plan, StageRow, parse_budget, plan_residency, process_baseline, require_fit
+from ..memory import Plan, StageRow, parse_budget, process_baseline, require_fit
 from ..pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel
 
 
@@ -77,14 +77,10 @@ class Registry:
                 units[key] = units[key].merged(unit) if key in units else unit
             rows += [StageRow(stage=f"{manifest.name}/{r.stage}", model=r.model, adapter=r.adapter) for r in plan.stages]
         assert first_rt is not None, "at least one stack"
-        footprints = {key: u.footprint(first_rt) for key, u in units.items()}
-        combined = plan_residency(
-            stack="+".join(served), units=footprints, stages=rows, shared=len(footprints) == 1,
-            ctx_size=first_rt.ctx_size, batch_size=first_rt.batch_size, budget=wanted, baseline=process_baseline(),
-        )
+        combined = plan_units("+".join(served), units, rows, first_rt, budget=wanted, baseline=process_baseline())
         # The union need not fit all at once: the pool then keeps as many bases as fit and
         # swaps the rest (every stack alone was checked to fit above).
-        settings = LoadSettings.from_runtime(first_rt)
+        settings = replace(LoadSettings.from_runtime(first_rt), adapter_residency=combined.adapter_residency)
         pool = ModelPool(settings, max_resident=combined.max_resident if combined.fits else 1)
         return cls(stacks=served, pool=pool, plan=combined, budget=wanted)
 
