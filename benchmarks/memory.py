@@ -4,7 +4,10 @@ Each scenario runs in a fresh interpreter, so its peak (the kernel's VmHWM, whic
 nothing) belongs to that scenario alone. Baselines are measured in the same run:
 
 * single stage: one stage of the default prompts on the bare SmolLM2 base;
-* shared base: the four-stage stack, one base + four rank-8 LoRA adapters swapped per stage;
+* bare Llama: one llama-cpp-python ``Llama`` of the same file and ctx running the four stage
+  prompts itself (no adapters): what the model costs without edge-fslm;
+* shared base: the four-stage stack, one base + four rank-8 LoRA adapters swapped per stage,
+  every adapter kept loaded, and with ``adapter_residency = "active"`` (one at a time);
 * naive, held: four separate ``Llama`` objects of the same file held at once;
 * naive, one after another: load, run, close, four times.
 
@@ -34,8 +37,10 @@ from edge_fslm.rss import reset_kernel_peak, kernel_peak
 from edge_fslm import Stack
 import llama_cpp
 manifest, ctx, policy = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+residency = sys.argv[5] if len(sys.argv) > 5 else None
 reset_kernel_peak()
-with Stack.load(manifest, ctx_size=ctx, policy=None if policy == "auto" else policy, preload=False) as st:
+with Stack.load(manifest, ctx_size=ctx, policy=None if policy == "auto" else policy, adapter_residency=residency,
+                preload=False) as st:
     r = st.run(sys.argv[4])
 print(json.dumps({"peak": kernel_peak(), "predicted": st.plan.predicted_peak, "policy": st.plan.policy,
                   "loads": r.loads, "evictions": r.evictions, "swaps": r.adapter_swaps}))
@@ -51,14 +56,16 @@ m = load_builtin("fslm-smollm2")
 reset_kernel_peak()
 held = []
 values = {"input": prompt}
+llm = None
 for stage in m.stages:
-    llm = Llama(path, n_ctx=2048, n_threads=2, flash_attn=True, verbose=False)
+    if mode != "one" or llm is None:
+        llm = Llama(path, n_ctx=2048, n_threads=2, flash_attn=True, verbose=False)
     msgs = [{"role": x.role, "content": x.content.render(values)} for x in stage.messages]
     out = llm.create_chat_completion(msgs, max_tokens=stage.max_tokens, temperature=0.0, stop=list(stage.stop) or None)
     values[stage.name] = out["choices"][0]["message"]["content"].strip()
     if mode == "held":
         held.append(llm)
-    else:
+    elif mode == "sequential":
         llm.close()
 print(json.dumps({"peak": kernel_peak()}))
 """
@@ -171,7 +178,10 @@ def main() -> None:
         # 1. shared base against the naive ways, at ctx 2048
         peaks = {
             "single stage (bare base)": run_child(CHILD_STACK, str(single), "2048", "auto", PROMPT)["peak"],
+            "bare Llama, 4 stage prompts": run_child(CHILD_NAIVE, str(smol), "one", PROMPT)["peak"],
             "shared base + 4 adapters": run_child(CHILD_STACK, str(shared), "2048", "auto", PROMPT)["peak"],
+            "shared base, one adapter at a time": run_child(CHILD_STACK, str(shared), "2048", "auto", PROMPT,
+                                                            "active")["peak"],
             "naive: 4 Llama held at once": run_child(CHILD_NAIVE, str(smol), "held", PROMPT)["peak"],
             "naive: 4 Llama one after another": run_child(CHILD_NAIVE, str(smol), "sequential", PROMPT)["peak"],
         }
@@ -216,6 +226,9 @@ def main() -> None:
 
     worst_err = max(abs(a["relative_error"]) for a in acc)
     shared_ratio = results["policies_vs_single_stage"]["shared base + 4 adapters"]["ratio"]
+    one_at_a_time = results["policies_vs_single_stage"]["shared base, one adapter at a time"]["peak_bytes"]
+    bare = results["policies_vs_single_stage"]["bare Llama, 4 stage prompts"]["peak_bytes"]
+    shared_peak = results["policies_vs_single_stage"]["shared base + 4 adapters"]["peak_bytes"]
     print()
     print(f"budget: {held['runs']} runs at {held['budget_bytes'] / MB:.1f} MB ({held['refused_by_planner']} refused up front),"
           f" worst peak {held['worst_peak_bytes'] / MB:.1f} MB, runs over budget: {held['runs_over_budget']}")
@@ -223,8 +236,12 @@ def main() -> None:
           " (target < 5 MB)")
     print(f"estimator worst |error|: {worst_err * 100:.1f}% (target ≤ 10%)")
     print(f"shared base / single stage: {shared_ratio:.2f}× (target ≤ 1.15×)")
+    print(f"shared base / bare Llama: {shared_peak / bare:.2f}× all adapters kept, {one_at_a_time / bare:.2f}×"
+          " one at a time (target ≤ 1.10×)")
     results["summary"] = {
         "shared_over_single_ratio": shared_ratio,
+        "shared_over_bare_llama_ratio": shared_peak / bare,
+        "one_adapter_at_a_time_over_bare_llama_ratio": one_at_a_time / bare,
         "estimator_worst_abs_error": worst_err,
         "budget_runs_over": held["runs_over_budget"],
         "leak_growth_bytes": results["leaks"]["rss_growth_bytes"],
