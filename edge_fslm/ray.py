@@ -204,7 +204,7 @@ class _EvalWorker:
 
 
 def evaluate_on_ray(kind: str, stack, single: str | None, items: list, options, *, threads: int | None,
-                    ctx_size: int | None, max_tokens: int | None,
+                    ctx_size: int | None, max_tokens: int | None, adapter_residency: str | None = None,
                     progress: Callable[[int, int], None] | None = None) -> tuple[list, float, int]:
     """``eval arc|instruct --ray``: shards of ``items`` scored by the cluster's actors.
 
@@ -225,7 +225,9 @@ def evaluate_on_ray(kind: str, stack, single: str | None, items: list, options, 
         if progress:
             progress(totals["done"], len(items))
 
-    _on_actors(ray, _EvalWorker, (kind, stack, single, {"threads": threads, "ctx_size": ctx_size, "max_tokens": max_tokens}),
+    options_for_load = {"threads": threads, "ctx_size": ctx_size, "max_tokens": max_tokens,
+                        "adapter_residency": adapter_residency}
+    _on_actors(ray, _EvalWorker, (kind, stack, single, options_for_load),
                list(range(len(shards))), lambda a, k: a.run.remote(k, shards[k]), threads=threads,
                actors=options.actors, what="the stack", on_reply=take)
     return [r for k in range(len(shards)) for r in by_shard[k]], totals["load_seconds"], totals["peak_rss_bytes"]

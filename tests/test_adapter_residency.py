@@ -105,6 +105,22 @@ def test_parallel_batches_with_one_adapter_at_a_time_say_the_same(adapted, tmp_p
     assert strip(results["active"]) == strip(results["all"])
 
 
+def test_eval_scores_the_same_with_one_adapter_at_a_time():
+    """What issue 12 measures memory on: ARC scoring, through the CLI, both ways."""
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parent / "data" / "arc_easy_validation_tiny.jsonl"  # 5 ARC-Easy validation rows
+    reports = {}
+    for residency in ("all", "active"):
+        proc = subprocess.run([sys.executable, "-m", "edge_fslm.cli", "eval", "arc", "-d", str(data), "--limit", "2",
+                               "-n", "8", "--json", "--adapter-residency", residency], capture_output=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode()
+        reports[residency] = json.loads(proc.stdout)
+    scores = {r: [(x["id"], x["logliks"], x["notes"]) for x in reports[r]["records"]] for r in reports}
+    assert scores["all"] == scores["active"]
+    assert reports["active"]["peak_rss_bytes"] < reports["all"]["peak_rss_bytes"]
+
+
 def test_an_adapter_rewritten_after_validation_is_refused(adapted, tmp_path):
     folder = tmp_path / "copy"
     folder.mkdir()

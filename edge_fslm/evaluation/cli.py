@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from ..manifest import ADAPTER_RESIDENCIES
 from ..progress import ProgressBar
 
 
@@ -27,6 +28,8 @@ def _options(f):
         click.option("--threads", "-t", type=int, help="CPU threads (default: physical cores)."),
         click.option("--ctx-size", "-c", type=int, help="Context size in tokens (overrides the manifest)."),
         click.option("--max-tokens", "-n", type=int, help="Cap every stage's generated tokens."),
+        click.option("--adapter-residency", type=click.Choice(["auto", *ADAPTER_RESIDENCIES]),
+                     help="LoRA adapters kept loaded: all, or only the active one (less memory; see `run --help`)."),
         click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
                      help="Write the full report (summary and every row) as JSON."),
         click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of a table."),
@@ -68,8 +71,8 @@ def eval_group() -> None:
 
 @eval_group.command("arc")
 @_options
-def arc(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_json, verbose, ray_address, ray_actors,
-        ray_shard_size):
+def arc(stack, data, limit, single, threads, ctx_size, max_tokens, adapter_residency, output, as_json, verbose,
+        ray_address, ray_actors, ray_shard_size):
     """ARC accuracy (acc, acc_norm) by the log-likelihood of each choice.
 
     The stack's earlier stages write notes on the question; the final stage scores each
@@ -80,7 +83,8 @@ def arc(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_js
 
     with ProgressBar("arc") as progress:
         report = evaluate_arc(stack, data, limit=limit, single=single, threads=threads, ctx_size=ctx_size,
-                              max_tokens=max_tokens, progress=progress, verbose=verbose,
+                              max_tokens=max_tokens, adapter_residency=adapter_residency, progress=progress,
+                              verbose=verbose,
                               ray=_ray(ray_address, ray_actors, ray_shard_size))
     _emit(report, output, as_json)
 
@@ -89,13 +93,14 @@ def arc(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_js
 @_options
 @click.option("--split", type=click.Choice(["heldout", "train", "all"]), default="heldout", show_default=True,
               help="Which Alpaca rows: the held-out last 500, the rest, or all.")
-def instruct(stack, data, limit, single, threads, ctx_size, max_tokens, output, as_json, verbose, ray_address,
-             ray_actors, ray_shard_size, split):
+def instruct(stack, data, limit, single, threads, ctx_size, max_tokens, adapter_residency, output, as_json, verbose,
+             ray_address, ray_actors, ray_shard_size, split):
     """Answer Alpaca instructions and score them: exact match, ROUGE-1, ROUGE-L, Levenshtein similarity."""
     from .evaluate import evaluate_instruct
 
     with ProgressBar("instruct") as progress:
         report = evaluate_instruct(stack, data, split=split, limit=limit, single=single, threads=threads,
-                                   ctx_size=ctx_size, max_tokens=max_tokens, progress=progress, verbose=verbose,
+                                   ctx_size=ctx_size, max_tokens=max_tokens, adapter_residency=adapter_residency,
+                                   progress=progress, verbose=verbose,
                                    ray=_ray(ray_address, ray_actors, ray_shard_size))
     _emit(report, output, as_json)

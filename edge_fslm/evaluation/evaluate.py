@@ -80,6 +80,7 @@ def load_eval_stack(
     ctx_size: int | None = None,
     max_tokens: int | None = None,
     verbose: bool = False,
+    adapter_residency: str | None = None,
 ) -> Stack:
     """The stack to evaluate, or with ``single`` the bare model as a one-stage stack.
 
@@ -91,7 +92,7 @@ def load_eval_stack(
             max_tokens = (stack if isinstance(stack, Manifest) else load_stack(stack)).stages[-1].max_tokens
         stack = single_manifest(single, chat=chat, max_tokens=max_tokens)
     return Stack.load(stack, threads=threads, ctx_size=ctx_size, max_tokens=max_tokens, verbose=verbose,
-                      measure_rss=False)
+                      adapter_residency=adapter_residency, measure_rss=False)
 
 
 # --------------------------------------------------------------------------- stack steps
@@ -333,13 +334,14 @@ def instruct_report(records: list[InstructRecord], *, label: str, single: bool, 
 
 
 def load_for(kind: str, stack: str | Path | Manifest, single: str | None, *, threads: int | None = None,
-             ctx_size: int | None = None, max_tokens: int | None = None, verbose: bool = False) -> Stack:
+             ctx_size: int | None = None, max_tokens: int | None = None, verbose: bool = False,
+             adapter_residency: str | None = None) -> Stack:
     """The stack ``eval arc|instruct`` scores on, here or on a Ray actor.
 
     ARC loads its final model now, so load time is not counted against the first question.
     """
     st = load_eval_stack(stack, single, chat=kind == "instruct", threads=threads, ctx_size=ctx_size,
-                         max_tokens=max_tokens, verbose=verbose)
+                         max_tokens=max_tokens, verbose=verbose, adapter_residency=adapter_residency)
     if kind == "arc":
         try:
             final_stage_model(st)
@@ -356,18 +358,18 @@ def record_for(kind: str, st: Stack, item, single: bool) -> ArcRecord | Instruct
 
 def _score_all(kind: str, stack: str | Path | Manifest, single: str | None, items: list, *, ray: "RayEval | None",
                threads: int | None, ctx_size: int | None, max_tokens: int | None, verbose: bool,
-               progress: Progress | None) -> tuple[list, float, int]:
+               adapter_residency: str | None, progress: Progress | None) -> tuple[list, float, int]:
     """Every item's record in order, the load seconds and the peak RSS: on a Ray cluster or in this process."""
     if ray is not None:
         from ..ray import evaluate_on_ray
 
         return evaluate_on_ray(kind, stack, single, items, ray, threads=threads, ctx_size=ctx_size,
-                               max_tokens=max_tokens, progress=progress)
+                               max_tokens=max_tokens, adapter_residency=adapter_residency, progress=progress)
     records = []
     with RssSampler() as sampler:
         t0 = time.perf_counter()
         with load_for(kind, stack, single, threads=threads, ctx_size=ctx_size, max_tokens=max_tokens,
-                      verbose=verbose) as st:
+                      verbose=verbose, adapter_residency=adapter_residency) as st:
             load_seconds = time.perf_counter() - t0
             for done, item in enumerate(items, 1):
                 records.append(record_for(kind, st, item, single is not None))
@@ -388,6 +390,7 @@ def evaluate_arc(
     progress: Progress | None = None,
     verbose: bool = False,
     ray: "RayEval | None" = None,
+    adapter_residency: str | None = None,
 ) -> ArcReport:
     """ARC accuracy by log-likelihood of each choice; ``limit`` takes the first N questions.
 
@@ -398,7 +401,7 @@ def evaluate_arc(
     questions = _limited(load_arc(data_path), limit, data_path)
     records, load_seconds, peak = _score_all("arc", stack, single, questions, ray=ray, threads=threads,
                                              ctx_size=ctx_size, max_tokens=max_tokens, verbose=verbose,
-                                             progress=progress)
+                                             adapter_residency=adapter_residency, progress=progress)
     return arc_report(records, label=_label(stack, single), single=single is not None, data_path=data_path,
                       load_seconds=load_seconds, peak_rss_bytes=peak)
 
@@ -416,6 +419,7 @@ def evaluate_instruct(
     progress: Progress | None = None,
     verbose: bool = False,
     ray: "RayEval | None" = None,
+    adapter_residency: str | None = None,
 ) -> InstructReport:
     """Answer Alpaca rows (by default the held-out last 500) and score them against the references.
 
@@ -425,6 +429,6 @@ def evaluate_instruct(
     examples = _limited(load_alpaca(data_path, split), limit, data_path)
     records, load_seconds, peak = _score_all("instruct", stack, single, examples, ray=ray, threads=threads,
                                              ctx_size=ctx_size, max_tokens=max_tokens, verbose=verbose,
-                                             progress=progress)
+                                             adapter_residency=adapter_residency, progress=progress)
     return instruct_report(records, label=_label(stack, single), single=single is not None, data_path=data_path,
                            split=split, load_seconds=load_seconds, peak_rss_bytes=peak)
