@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,27 @@ def test_sigkill_and_resume_lose_and_duplicate_nothing(tmp_path):
         assert len(r["stages"]) == 4 and all(s["output"] for s in r["stages"]) and r["answer"]
     assert not (tmp_path / "out.jsonl.state.jsonl").exists()
     assert kills >= 1
+
+
+def test_an_old_batch_still_resumes(tmp_path):
+    """Output and state files written before the redesign (commit d0b6e4c, tests/data/README.md) resume:
+    the finished prompt is kept byte for byte, the checkpointed steps are reused, not run again."""
+    old = Path(__file__).parent / "data" / "batch_d0b6e4c"
+    for name in ("in.jsonl", "out.jsonl", "out.jsonl.state.jsonl"):
+        shutil.copy(old / name, tmp_path / name)
+    out, state = tmp_path / "out.jsonl", tmp_path / "out.jsonl.state.jsonl"
+    kept = (old / "out.jsonl").read_bytes()
+    steps = [json.loads(line) for line in (old / "out.jsonl.state.jsonl").read_text().splitlines()]
+    with Stack.load("fslm-smollm2", max_tokens=4, preload=False) as stack:
+        last = stack.manifest.stages[-1].name
+        ran = []
+        report = run_batch(stack, tmp_path / "in.jsonl", out, on_step=lambda item, trace: ran.append((item.id, trace.name)))
+    assert (report.total, report.already_done, report.completed, report.resumed_steps) == (3, 1, 2, 6)
+    assert ran == [("p1", last), ("p2", last)]  # only the stage no checkpoint held
+    assert out.read_bytes().startswith(kept)
+    rows = read_results(out)
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2"]
+    for r in rows[1:]:
+        old_steps = [s["trace"] for s in steps if s["id"] == r["id"]]
+        assert r["stages"][:-1] == old_steps and r["stages"][-1]["name"] == last and r["answer"]
+    assert not state.exists()
