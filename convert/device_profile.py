@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 from .quantize import QUANT_TYPES
 from ..errors import BudgetError, ManifestError
-from ..manifest import MAX_CTX, NAME, POLICIES
+from ..manifest import KV_CACHE_TYPES, NAME, POLICIES, RUNTIME_INT_BOUNDS
 from ..memory import parse_budget
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "profile_names",
 ]
 
-KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 ADAPTER_TYPES = ("f16", "f32")
 
 _TOP = ("profile", "quant", "runtime")
@@ -240,8 +239,7 @@ def parse_profile(text: str, *, origin: str = "<profile>", default_name: str = "
     rt = table(doc, "runtime", "")
     unknown(rt, _RUNTIME, "runtime.")
     values: dict[str, Any] = {}
-    for key, lo, hi in (("ctx_size", 16, MAX_CTX), ("threads", 0, 1024), ("batch_size", 1, MAX_CTX),
-                        ("gpu_layers", -1, 100000), ("seed", 0, 2**32 - 1)):
+    for key, (lo, hi) in RUNTIME_INT_BOUNDS.items():
         if key in rt:
             v = rt[key]
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:

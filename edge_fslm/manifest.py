@@ -41,6 +41,14 @@ KV_CACHE_TYPES = ("f16", "q8_0", "f32")
 # them all unless the memory budget needs the room.
 ADAPTER_RESIDENCIES = ("all", "active")
 MAX_CTX = 1 << 20
+# The integer [runtime] settings and their bounds, for stack manifests and device profiles alike.
+RUNTIME_INT_BOUNDS = {
+    "ctx_size": (16, MAX_CTX),
+    "threads": (0, 1024),
+    "batch_size": (1, MAX_CTX),
+    "gpu_layers": (-1, 100000),
+    "seed": (0, 2**32 - 1),
+}
 MAX_TOKENS = 1 << 16
 RESERVED_FIELDS = ("input",)
 # Bounds on what a manifest may ask of the parser and validator. A stack manifest is a small
@@ -459,15 +467,8 @@ MESSAGE_KEYS = ("role", "content")
 
 def _check_runtime(rt: dict[str, Any], where: str, problems: list[str]) -> RuntimeSpec:
     out = RuntimeSpec()
-    bounds = {
-        "ctx_size": (16, MAX_CTX),
-        "threads": (0, 1024),
-        "batch_size": (1, MAX_CTX),
-        "gpu_layers": (-1, 100000),
-        "seed": (0, 2**32 - 1),
-    }
     values: dict[str, Any] = {}
-    for key, (lo, hi) in bounds.items():
+    for key, (lo, hi) in RUNTIME_INT_BOUNDS.items():
         if key in rt:
             val = rt[key]
             if not _is_int(val) or not lo <= val <= hi:

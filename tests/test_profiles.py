@@ -11,7 +11,7 @@ from edge_fslm.cli import CliGroup
 from edge_fslm.convert import QUANT_TYPES
 from edge_fslm.convert.cli import profiles as profiles_cmd
 from edge_fslm.errors import ManifestError
-from edge_fslm.manifest import RuntimeSpec
+from edge_fslm.manifest import RuntimeSpec, load_builtin
 from edge_fslm.memory import parse_budget
 from edge_fslm.convert.device_profile import (
     KV_CACHE_TYPES,
@@ -124,3 +124,20 @@ def test_profiles_command():
     res = CliRunner().invoke(group, ["profiles", "--json"])
     rows = json.loads(res.output)
     assert {r["name"] for r in rows} >= REQUIRED and all(r["description"] for r in rows)
+
+
+@pytest.mark.parametrize("kv", ["q4_0", "bf16"])
+def test_a_kv_cache_type_stacks_refuse_is_refused_in_the_profile(kv):
+    """A profile once accepted every llama.cpp cache type while stack manifests take three, so
+    `build` wrote a stack that would not load; the profile now says so at once."""
+    with pytest.raises(ManifestError, match="runtime.kv_cache_type: expected one of f16, q8_0, f32"):
+        parse_profile(GOOD.replace('kv_cache_type = "q8_0"', f'kv_cache_type = "{kv}"'))
+    with pytest.raises(ManifestError, match="kv_cache_type: expected one of f16, q8_0, f32"):
+        load_builtin("fslm-smollm2").with_runtime(kv_cache_type=kv)
+
+
+def test_every_profile_runtime_is_one_a_stack_manifest_accepts():
+    stack = load_builtin("fslm-smollm2")
+    for p in list_profiles() + [parse_profile(GOOD.replace('"q8_0"', '"F32"'))]:
+        rt = {k: v for k, v in p.runtime().items() if k in RuntimeSpec.__dataclass_fields__}
+        assert stack.with_runtime(**rt).runtime.kv_cache_type == p.kv_cache_type, p.name
