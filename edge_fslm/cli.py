@@ -74,6 +74,8 @@ _FLAG_SPELLING = [
     (re.compile(r"\blower max_tokens\b"), "lower --max-tokens"),
     (re.compile(r"\blower parallel\b"), "lower --parallel"),
     (re.compile(r"^parallel=(\S+):"), r"--parallel \1:"),
+    (re.compile(r"^max_tokens=(\S+):"), r"--max-tokens \1:"),
+    (re.compile(r"^temperature=(\S+):"), r"--temperature \1:"),
     (re.compile(r": limit=(\S+):"), r": --limit \1:"),
     (re.compile(r"\bchoose another output path\b"), "choose another --output"),
     (re.compile(r"\brelative to data_dir\b"), "relative to --data-dir"),

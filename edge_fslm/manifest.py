@@ -210,12 +210,12 @@ class Manifest:
             ok = _is_int(val) if want_int else _is_num(val)
             if not ok or not lo <= val <= hi:  # NaN fails every comparison
                 kind = "an integer" if want_int else "a number"
-                raise ManifestError(f"--{key.replace('_', '-')} {_show(val)}: expected {kind} from {lo} to {hi}")
+                raise ManifestError(f"{key}={_show(val)}: expected {kind} from {lo} to {hi}")
             if not want_int:
                 sampling[key] = float(val)
         if max_tokens is not None and (not _is_int(max_tokens) or not 1 <= max_tokens < self.runtime.ctx_size):
             raise ManifestError(
-                f"--max-tokens {max_tokens}: must be between 1 and ctx size - 1 ({self.runtime.ctx_size - 1})"
+                f"max_tokens={max_tokens}: must be between 1 and ctx size - 1 ({self.runtime.ctx_size - 1})"
             )
         stages = tuple(
             replace(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from edge_fslm.cli import cli_spelling
 from edge_fslm.errors import ManifestError
 from edge_fslm.manifest import builtin_names, load_builtin, load_manifest, load_stack, parse_manifest
 from edge_fslm.templates import TemplateSyntaxError, parse_template
@@ -249,8 +250,13 @@ def test_overrides():
     m3 = m.with_stage_overrides(max_tokens=8, temperature=0.5)
     assert {s.max_tokens for s in m3.stages} == {8}
     assert {s.sampling.temperature for s in m3.stages} == {0.5}
-    with pytest.raises(ManifestError, match="--max-tokens"):
+    # the API names its parameters; the command line names the flags (cli_spelling)
+    with pytest.raises(ManifestError, match=r"^max_tokens=0: must be between 1 and ctx size - 1") as exc:
         m.with_stage_overrides(max_tokens=0)
+    assert cli_spelling(str(exc.value)).startswith("--max-tokens 0: must be between 1 and ctx size - 1")
+    with pytest.raises(ManifestError, match=r"^temperature=-1: expected a number from 0") as exc:
+        m.with_stage_overrides(temperature=-1)
+    assert cli_spelling(str(exc.value)).startswith("--temperature -1: expected a number from 0")
 
 
 def test_template_language():
