@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import EdgeFSLMError
 from .rss import RssSampler, machine_info
+from .units import fmt_bytes
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -160,7 +161,7 @@ def format_report(report: dict) -> str:
     lines += [
         "",
         f"{report['prompts']} prompts · median {t['per_prompt_seconds_median']:.2f} s/prompt · wall {t['wall_seconds']:.1f} s",
-        f"peak RSS {t['peak_rss_bytes'] / 1e6:.1f} MB" + (f" (predicted {pred / 1e6:.1f} MB)" if pred else "")
+        f"peak RSS {fmt_bytes(t['peak_rss_bytes'], 1)}" + (f" (predicted {fmt_bytes(pred, 1)})" if pred else "")
         + f" · policy {report['policy']} · {t['loads']} loads, {t['evictions']} evictions, {t['adapter_swaps']} adapter swaps",
         f"machine: {m['cpu']} · {m['physical_cores']} cores · {m['ram_bytes'] / 2**30:.1f} GiB RAM",
         f"llama.cpp: {m['llama_cpp_system_info']}",
@@ -176,7 +177,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise EdgeFSLMError("--plot needs matplotlib — pip install 'edge-fslm[plot]'") from None
+        raise EdgeFSLMError("plotting needs matplotlib — pip install 'edge-fslm[plot]'") from None
     samples = report["rss_timeline"]["samples"]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7.5), gridspec_kw={"height_ratios": [3, 2]})
     ts = [s[0] for s in samples]
