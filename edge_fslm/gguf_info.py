@@ -1,15 +1,15 @@
 """Strict, bounded reader for GGUF headers.
 
-llama.cpp aborts or segfaults on some malformed GGUF files, so the runtime
-never hands it a file this module has not walked first.  ``gguf.GGUFReader``
-is not used on the load path: it takes seconds on a 100 MB model (it builds a
-numpy view per vocab string) and sizes allocations from header counts it does
-not check.  This walker reads the header once through a small window of the
-file, checks every count and length against the bytes that are really there
-before using it, and steps over big string arrays (tokens, merges) without
-decoding them: about 15 ms for a 100 MB model.  It refuses what llama.cpp's
-gguf.cpp refuses (and a little more).  Every constant comes from gguf-py, so
-the rules follow the installed GGUF spec.
+llama.cpp aborts or segfaults on some malformed GGUF files, so the runtime never
+hands it a file this module has not walked first. ``gguf.GGUFReader`` is not
+used on the load path: it builds a numpy view per vocabulary string, which makes
+it far slower (benchmarks/README.md has the figures), and it sizes allocations
+from header counts it does not check. This walker reads the header once through
+a small window of the file, checks every count and length against the bytes that
+are really there before using it, and steps over big string arrays (tokens,
+merges) without decoding them. It refuses what llama.cpp's gguf.cpp refuses (and
+a little more). Every constant comes from gguf-py, so the rules follow the
+installed GGUF spec.
 
 Every problem is a :class:`~edge_fslm.errors.GGUFError` whose message is one
 line: ``"<path>: <what is wrong> — <what to do>"``.

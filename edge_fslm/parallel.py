@@ -146,8 +146,8 @@ def generate_group(
     ``prefix`` leading tokens (the same in every prompt) are evaluated once into the last
     sequence, which keeps them, and copied into a slot for each new prompt; the rest of
     each prompt goes in ``chunk``-token decodes of its own, as ``Llama.eval`` would. Packing
-    several prompts' rests into one decode would be faster (a 30-token decode runs at about
-    250 tok/s here, a 250-token one at about 370) but not exact: llama.cpp splits a
+    several prompts' rests into one decode would be faster (a longer decode runs at more
+    tokens a second; benchmarks/README.md has the figures) but not exact: llama.cpp splits a
     multi-stream batch into ubatches with equal tokens per sequence, which moves each
     prompt's split points and so its logits.
 
