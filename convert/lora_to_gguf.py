@@ -88,16 +88,16 @@ def read_adapter_config(peft_dir: str | os.PathLike[str]) -> AdapterConfig:
         raise ConvertError(f"{where} peft_type is {ptype!r} — only LoRA adapters can be converted")
     if cfg.get("use_dora"):
         raise ConvertError(f"{where} use_dora is true — llama.cpp cannot apply DoRA at run time; "
-                           "convert with --merge to bake it into the weights")
+                           "convert with merge=True to bake it into the weights")
     if cfg.get("fan_in_fan_out"):
         raise ConvertError(f"{where} fan_in_fan_out is true (GPT-2 style Conv1D) — not used by the supported "
-                           "architectures; convert with --merge")
+                           "architectures; convert with merge=True")
     if cfg.get("bias", "none") not in (None, "none") or cfg.get("lora_bias"):
         raise ConvertError(f"{where} the adapter trains biases (bias={cfg.get('bias')!r}) — llama.cpp LoRA "
-                           "files carry no biases; convert with --merge")
+                           "files carry no biases; convert with merge=True")
     if cfg.get("modules_to_save"):
         raise ConvertError(f"{where} modules_to_save {cfg['modules_to_save']} are fully trained copies, not LoRA "
-                           "— llama.cpp adapters cannot carry them; convert with --merge")
+                           "— llama.cpp adapters cannot carry them; convert with merge=True")
     r = cfg.get("r")
     alpha = cfg.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
@@ -188,11 +188,11 @@ def convert_lora(
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, arr in tensors.items():
         if "lora_embedding_" in key:
-            raise ConvertError(f"{weights_file}: LoRA on embeddings ({key}) is not supported — convert with --merge")
+            raise ConvertError(f"{weights_file}: LoRA on embeddings ({key}) is not supported — convert with merge=True")
         m = _KEY.match(key)
         if m is None:
             raise ConvertError(f"{weights_file}: tensor {key!r} is not a LoRA A/B matrix — the adapter holds "
-                               "other trained weights; convert with --merge")
+                               "other trained weights; convert with merge=True")
         pairs.setdefault(m.group("module"), {})[m.group("ab")] = arr
     if not pairs:
         raise ConvertError(f"{weights_file}: contains no LoRA tensors — the adapter folder is empty or corrupt")
@@ -215,9 +215,9 @@ def convert_lora(
                                "for — this adapter was trained on a different base")
         if base_name == spec.lm_head and hp.tied_embeddings:
             raise ConvertError(f"{weights_file}: adapts {module}, but the base ties it to the token embedding, which "
-                               "llama.cpp cannot adapt separately — convert with --merge")
+                               "llama.cpp cannot adapt separately — convert with merge=True")
         if len(ref.shape) != 2 or a.ndim != 2 or b.ndim != 2:
-            raise ConvertError(f"{weights_file}: {module} is not a 2-D linear layer — convert with --merge")
+            raise ConvertError(f"{weights_file}: {module} is not a 2-D linear layer — convert with merge=True")
         n_out, n_in = ref.shape
         r = a.shape[0]
         if a.shape != (r, n_in) or b.shape != (n_out, r):
@@ -316,7 +316,7 @@ def merge_lora(
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
     except ImportError as exc:
-        raise ConvertError(f"--merge needs torch, transformers and peft ({exc.name} is missing) — "
+        raise ConvertError(f"merge_lora (merge=True) needs torch, transformers and peft ({exc.name} is missing) — "
                            "pip install 'edge-fslm[train]'") from None
     for name in ("transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)

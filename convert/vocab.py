@@ -145,7 +145,7 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int, pre_tokeni
 def _no_pre_tokenizer(pre_tokenizer: str | None, path: Path) -> None:
     if pre_tokenizer is not None:
         raise ConvertError(f"{path}: is a SentencePiece tokenizer, which has no pre-tokenizer to choose — "
-                           "--pre-tokenizer only applies to byte-level BPE tokenizers; leave it out")
+                           "pre_tokenizer only applies to byte-level BPE tokenizers; leave it out")
 
 
 # --------------------------------------------------------------------------- SentencePiece
@@ -439,7 +439,7 @@ def _add_bpe_vocab(writer: gguf.GGUFWriter, folder: Path, tj_path: Path, tj: dic
         pre = pre_tokenizer
     elif detected is None:
         raise ConvertError(f"{tj_path}: unrecognised pre-tokenizer ({_describe_pre(tj)}) — llama.cpp would split "
-                           f"text differently from the model's training; pass --pre-tokenizer with one of "
+                           f"text differently from the model's training; set pre_tokenizer to one of "
                            f"{', '.join(PRE_TOKENIZERS)} if you know which rules it uses")
     else:
         pre = detected

@@ -84,6 +84,10 @@ _FLAG_SPELLING = [
     (re.compile(r"^ray address=(\S+):"), r"--ray \1:"),
     (re.compile(r"\buse the address local\b"), "pass --ray local"),
     (re.compile(r"^running on a Ray cluster needs Ray\b"), "--ray needs Ray"),
+    (re.compile(r"\bconvert with merge=True\b"), "convert with --merge"),
+    (re.compile(r"\bmerge_lora \(merge=True\) needs\b"), "--merge needs"),
+    (re.compile(r"\bpre_tokenizer only applies\b"), "--pre-tokenizer only applies"),
+    (re.compile(r"\bset pre_tokenizer to one of\b"), "pass --pre-tokenizer with one of"),
 ]
 
 

@@ -175,12 +175,22 @@ def test_missing_folder_config_and_weights(tmp_path):
 
 
 def test_missing_or_unknown_tokenizer(tmp_path):
+    from click.testing import CliRunner
+
+    from edge_fslm.cli import CliGroup
+    from edge_fslm.convert.cli import convert as convert_cmd
+
     d = _copy_tiny(tmp_path)
     tj = json.loads((d / "tokenizer.json").read_text())
     tj["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁"}
     (d / "tokenizer.json").write_text(json.dumps(tj))
-    with pytest.raises(ConvertError, match="unrecognised pre-tokenizer"):
+    with pytest.raises(ConvertError, match="unrecognised pre-tokenizer") as exc:
         convert_hf(d, tmp_path / "out.gguf")
+    # the API names its own parameter; the command line names the flag
+    assert "set pre_tokenizer to one of" in str(exc.value) and "--pre-tokenizer" not in str(exc.value)
+    res = CliRunner().invoke(CliGroup(commands={"convert": convert_cmd}), ["convert", str(d), str(tmp_path / "out.gguf")])
+    assert res.exit_code == 2 and "unrecognised pre-tokenizer" in res.output
+    assert "pass --pre-tokenizer with one of" in res.output and "pre_tokenizer" not in res.output
     convert_hf(d, tmp_path / "forced.gguf", pre_tokenizer="gpt-2")  # an explicit override is honoured
     assert gguf_info.read_gguf(tmp_path / "forced.gguf").metadata["tokenizer.ggml.pre"] == "gpt-2"
     (d / "tokenizer.json").unlink()

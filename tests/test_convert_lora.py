@@ -135,10 +135,38 @@ def test_not_a_peft_folder(tmp_path):
     ({"bias": "all"}, "biases"),
 ])
 def test_adapters_llama_cpp_cannot_apply_point_to_merge(tmp_path, change, match):
+    from click.testing import CliRunner
+
+    from edge_fslm.cli import CliGroup
+    from edge_fslm.convert.cli import convert_lora as convert_lora_cmd
+
     d = _copy_lora(tmp_path, **change)
     with pytest.raises(ConvertError, match=match) as exc:
         convert_lora(d, tiny_llama_dir(), tmp_path / "a.gguf")
-    assert "--merge" in str(exc.value) or "only LoRA" in str(exc.value)
+    msg = str(exc.value)
+    # the API names its own parameter; the command line names the flag
+    assert "convert with merge=True" in msg or "only LoRA" in msg
+    assert "--merge" not in msg
+    res = CliRunner().invoke(CliGroup(commands={"convert-lora": convert_lora_cmd}),
+                             ["convert-lora", str(d), str(tmp_path / "a.gguf"), "--base", str(tiny_llama_dir())])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "convert with --merge" in res.output or "only LoRA" in res.output
+    assert "merge=True" not in res.output
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_merge_without_the_train_extra_names_the_parameter(tmp_path, monkeypatch):
+    import sys
+
+    from edge_fslm.cli import cli_spelling
+
+    d = _copy_lora(tmp_path)
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if it were not installed
+    with pytest.raises(ConvertError) as exc:
+        convert_lora(d, tiny_llama_dir(), tmp_path / "a.gguf", merge=True)
+    msg = str(exc.value)
+    assert msg.startswith("merge_lora (merge=True) needs torch, transformers and peft (peft is missing)")
+    assert cli_spelling(msg).startswith("--merge needs torch, transformers and peft (peft is missing)")
     assert not (tmp_path / "a.gguf").exists()
 
 

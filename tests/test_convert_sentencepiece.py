@@ -297,9 +297,21 @@ def test_unigram_sentencepiece_is_refused(spm_dir, tmp_path):
 
 
 def test_sentencepiece_errors(spm_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from edge_fslm.cli import CliGroup
+    from edge_fslm.convert.cli import convert as convert_cmd
+
     d = _copy(spm_dir, tmp_path)
-    with pytest.raises(ConvertError, match="--pre-tokenizer only applies to byte-level BPE"):
+    # the API names its own parameter; the command line names the flag
+    with pytest.raises(ConvertError, match="pre_tokenizer only applies to byte-level BPE") as exc:
         convert_hf(d, tmp_path / "out.gguf", "f32", pre_tokenizer="gpt-2")
+    assert "--pre-tokenizer" not in str(exc.value)
+    res = CliRunner().invoke(CliGroup(commands={"convert": convert_cmd}),
+                             ["convert", str(d), str(tmp_path / "out.gguf"), "-t", "f32", "--pre-tokenizer", "gpt-2"])
+    assert res.exit_code == 2 and "--pre-tokenizer only applies to byte-level BPE" in res.output
+    assert "pre_tokenizer" not in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out.gguf").exists()
 
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if it were not installed
     with pytest.raises(ConvertError) as exc:
