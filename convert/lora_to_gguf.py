@@ -188,7 +188,8 @@ def convert_lora(
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, arr in tensors.items():
         if "lora_embedding_" in key:
-            raise ConvertError(f"{weights_file}: LoRA on embeddings ({key}) is not supported — convert with merge=True")
+            raise ConvertError(f"{weights_file}: LoRA on embeddings ({key}) is not supported — "
+                               "convert with merge=True")
         m = _KEY.match(key)
         if m is None:
             raise ConvertError(f"{weights_file}: tensor {key!r} is not a LoRA A/B matrix — the adapter holds "

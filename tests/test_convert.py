@@ -188,7 +188,8 @@ def test_missing_or_unknown_tokenizer(tmp_path):
         convert_hf(d, tmp_path / "out.gguf")
     # the API names its own parameter; the command line names the flag
     assert "set pre_tokenizer to one of" in str(exc.value) and "--pre-tokenizer" not in str(exc.value)
-    res = CliRunner().invoke(CliGroup(commands={"convert": convert_cmd}), ["convert", str(d), str(tmp_path / "out.gguf")])
+    res = CliRunner().invoke(CliGroup(commands={"convert": convert_cmd}),
+                             ["convert", str(d), str(tmp_path / "out.gguf")])
     assert res.exit_code == 2 and "unrecognised pre-tokenizer" in res.output
     assert "pass --pre-tokenizer with one of" in res.output and "pre_tokenizer" not in res.output
     convert_hf(d, tmp_path / "forced.gguf", pre_tokenizer="gpt-2")  # an explicit override is honoured
