@@ -145,6 +145,14 @@ def _randomize_small_params(model: Any, seed: int) -> None:
                 p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
 
 
+def _save_model(out: Path, model: Any, tok: Any) -> None:
+    """``model`` and its tokenizer as the HF folder ``out``, written as ``out.partial`` and renamed."""
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+
+
 @functools.cache
 def tiny_llama_dir() -> Path:
     """A 2-layer Llama with grouped-query attention (4 query heads, 2 kv heads) and SmolLM2's tokenizer rules."""
@@ -162,10 +170,7 @@ def tiny_llama_dir() -> Path:
                           tie_word_embeddings=False)
         model = LlamaForCausalLM(cfg).eval()
         _randomize_small_params(model, 0)
-        tmp = work_dir() / "tiny-llama.partial"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(out)
+        _save_model(out, model, tok)
     return out
 
 
@@ -276,10 +281,7 @@ def tiny_neox_dir() -> Path:
                             rotary_pct=0.25, use_parallel_residual=True, bos_token_id=0, eos_token_id=0)
         model = GPTNeoXForCausalLM(cfg).eval()
         _randomize_small_params(model, 1)
-        tmp = work_dir() / "tiny-neox.partial"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(out)
+        _save_model(out, model, tok)
     return out
 
 
