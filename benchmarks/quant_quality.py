@@ -123,6 +123,8 @@ def quality(paths: dict[str, Path], examples: list[dict], threads: int) -> tuple
 def speed(path: Path, prompt_ids: list[int], threads: int, gen: int = 64) -> tuple[float, float]:
     import llama_cpp
 
+    from edge_fslm import llama
+
     llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, verbose=False, n_threads=threads,
                           n_threads_batch=threads)
     try:
@@ -139,7 +141,7 @@ def speed(path: Path, prompt_ids: list[int], threads: int, gen: int = 64) -> tup
             llm.eval(prompt_ids)
             t0 = time.perf_counter()
             for _ in range(gen):
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.context_ptr(llm), -1), shape=(n_vocab,))
                 llm.eval([int(logits.argmax())])
             best_gen = min(best_gen, time.perf_counter() - t0)
         return len(prompt_ids) / best_prompt, gen / best_gen

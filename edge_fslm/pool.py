@@ -255,6 +255,11 @@ class ModelPool:
     def resident(self) -> list[str]:
         return list(self._loaded)
 
+    @property
+    def loaded(self) -> list[LoadedModel]:
+        """The loaded models, least recently used first."""
+        return list(self._loaded.values())
+
     def get(self, model: ResolvedModel) -> LoadedModel:
         """The loaded model for ``model``, loading (and evicting others) if needed."""
         lm = self._loaded.get(model.key)

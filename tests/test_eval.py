@@ -213,7 +213,7 @@ def test_loglikelihood_leaves_the_kv_cache_empty(small_lm):
     import llama_cpp
 
     loglikelihood(small_lm, encode(small_lm, "Hello there"), [encode(small_lm, " friend")])
-    mem = llama_cpp.llama_get_memory(small_lm.llm._ctx.ctx)
+    mem = llama_cpp.llama_get_memory(small_lm.ctx)
     assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == -1
     assert small_lm.llm.n_tokens == 0
 

@@ -177,7 +177,7 @@ def test_adapter_swap_changes_logits_and_swapping_back_restores_them(tmp_path, s
         def logits() -> np.ndarray:
             lm.clear_kv()
             lm.llm.eval(tokens)
-            ptr = llama_cpp.llama_get_logits_ith(lm.llm._ctx.ctx, -1)
+            ptr = llama_cpp.llama_get_logits_ith(lm.ctx, -1)
             return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).copy()
 
         lm.activate(None, pool.counters)

@@ -41,7 +41,7 @@ def batch_and_singles(tmp_path, stack_name, prompts, parallel, **load):
     out = tmp_path / "out.jsonl"
     with Stack.load(stack_name, preload=False, **load) as stack:
         report = run_batch(stack, inp, out, parallel=parallel)
-        assert all(lm.parallel is None for lm in stack.pipeline.pool._loaded.values())  # nothing left behind
+        assert all(lm.parallel is None for lm in stack.pipeline.pool.loaded)  # nothing left behind
         singles = {p: stack.run(p) for p in prompts}
     assert report.completed == len(prompts) and report.loads == 1
     rows = read_results(out)
@@ -100,7 +100,7 @@ def test_slots_report_each_prompt_and_fit_the_budget():
         pipe = stack.pipeline
         together = pipe.finish_stage_group(0, values, width=2, on_trace=lambda j, t: seen.append(j))
         assert sorted(seen) == [0, 1, 2, 3]  # each reported as it finished
-        lm = next(iter(pipe.pool._loaded.values()))
+        lm = pipe.pool.get(next(iter(pipe.models.values())))  # loaded already: no load
         assert lm.parallel is not None and lm.parallel.n_seq == 3  # two slots and the prefix
         pipe.pool.close_parallel()
         assert lm.parallel is None

@@ -244,12 +244,12 @@ def _save_checkpoint(ckpt: Path, model, optimizer, scheduler, state: dict) -> No
 
 
 def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log's lines up to the checkpoint's step (jsonl.py's rules: a torn last line is cut)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.endswith("\n") and json.loads(line)["step"] <= step]
+    keep = [r for r in read_records(path, ("step", "loss"), "training log") if r["step"] <= step]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
     os.replace(tmp, path)
 
 
