@@ -14,7 +14,8 @@ A loaded model costs, from GGUF metadata alone:
   ``n_ubatch × n_vocab × 4``, 98 MiB for SmolLM2), but with flash attention and one
   output row per step only a small, near-constant part is ever touched. We model the
   touched part as a per-model constant plus a term in ``n_ubatch × (n_embd + n_ff)``,
-  calibrated against psutil/VmHWM measurements (see benchmarks/memory.py);
+  calibrated against psutil/VmHWM measurements (see benchmarks/memory.py), plus the attention
+  mask at the width of the whole context and a term per adapter switch;
 * each LoRA adapter: its tensor bytes;
 * the prefix cache: each stage's fixed prompt prefix saved as KV state (same bytes per
   token as the KV cache), estimated from the manifest's literal template text.
@@ -42,6 +43,11 @@ MiB = 1 << 20
 # The fixed part grows with the vocabulary (llama.cpp's token tables, the sampler's arrays);
 # the compute part with the tokens of one micro-batch. We predict the worst case (a full
 # micro-batch), so the budget holds for any prompt. benchmarks/memory.py re-checks this.
+# Long prompts, bare Llama, SmolLM2 at ctx 2048: growth over a 16-token eval 14.0 MiB at 512
+# tokens, 15.0 at 2,040 (ctx 4096: 16.5 at 3,640); Gemma-3-270M 19.1 at 512, 20.2 at 1,840: the
+# f16 mask. The default stack (4 adapters) with a 1,840-token prompt peaked 7.2 MiB over the plan
+# before the mask and adapter-switch terms below; each switched-to stage grew 2.4-4.5 MiB beyond
+# its adapter's bytes (the saved prefix is 1.2 of that), with short and long prompts alike.
 MODEL_OVERHEAD = int(14.7 * MiB)
 OVERHEAD_PER_VOCAB = 216  # bytes per vocabulary entry
 COMPUTE_PER_UBATCH_DIM = 14  # bytes per n_ubatch × (n_embd + n_ff), touched by a full micro-batch
@@ -50,6 +56,14 @@ LLAMA_CPP_IMPORT = 9 * MiB  # what `import llama_cpp` adds to a process that has
 # head. SmolLM2 with 940-, 1,840- and 3,640-token prompts at ctx 2048 and 4096, peak above the same
 # run with flash attention on: 3.7, 4.6 and 5.4 bytes per cell and head.
 KQ_BYTES_PER_CELL_HEAD = 6
+# Per KV cell, with flash attention on or off, llama.cpp fills the attention mask: one value per
+# micro-batch token and visible cell (f16 with flash attention; its tiled scratch does not grow with
+# the cells, and K/V are views of the cache). COMPUTE_PER_UBATCH_DIM was fit with one-micro-batch
+# prompts, whose mask (n_ubatch cells wide) it already holds, so only the cells beyond that are added.
+KQ_MASK_BYTES_PER_CELL = 2  # bytes per micro-batch token and KV cell beyond the first micro-batch
+# llama_set_adapters_lora makes llama.cpp rebuild its scheduler and compute buffer (sched_reserve);
+# the first micro-batch after each adapter switch touches fresh pages the plan otherwise misses.
+ADAPTER_SWITCH_BYTES = 2 * MiB  # per adapter a loaded base switches to
 
 
 def parse_budget(text: str | int | None, *, available: int | None = None) -> int | None:
@@ -121,11 +135,12 @@ def kv_cache_bytes(info: GGUFInfo, ctx_size: int, kv_cache_type: str = "f16") ->
 
 def compute_bytes(info: GGUFInfo, batch_size: int, ctx_size: int, *, flash_attn: bool = True,
                   attn_cells: int | None = None) -> int:
-    """Compute memory a full micro-batch touches. Without flash attention llama.cpp also fills
-    the KQ matrix: a score per query token, visible KV cell (``attn_cells``, by default the whole
-    context) and head."""
+    """Compute memory a full micro-batch touches, with the attention mask as wide as the whole
+    context. Without flash attention llama.cpp also fills the KQ matrix: a score per query token,
+    visible KV cell (``attn_cells``, by default the whole context) and head."""
     ubatch = min(batch_size, ctx_size)
     out = ubatch * ((info.n_embd or 0) + (info.n_ff or 0)) * COMPUTE_PER_UBATCH_DIM
+    out += ubatch * (ctx_size - ubatch) * KQ_MASK_BYTES_PER_CELL
     if not flash_attn:
         out += ubatch * min(attn_cells or ctx_size, ctx_size) * (info.n_head or 0) * KQ_BYTES_PER_CELL_HEAD
     return out
@@ -140,7 +155,8 @@ def footprint(model_id: str, info: GGUFInfo, *, ctx_size: int, batch_size: int,
         model=model_id,
         weights=info.tensor_bytes,
         kv_cache=kv_cache_bytes(info, ctx_size, effective_kv_type(info, kv_cache_type)),
-        compute=compute_bytes(info, batch_size, ctx_size, flash_attn=flash_attn),
+        compute=compute_bytes(info, batch_size, ctx_size, flash_attn=flash_attn)
+        + ADAPTER_SWITCH_BYTES * len(adapters or []),
         adapters=sum(adapter_bytes) if adapter_residency == "all" else max(adapter_bytes, default=0),
         overhead=MODEL_OVERHEAD + OVERHEAD_PER_VOCAB * (info.n_vocab or 0),
         prefix_cache=kv_cache_bytes(info, min(prefix_tokens, ctx_size), effective_kv_type(info, kv_cache_type)),
