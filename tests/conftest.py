@@ -53,6 +53,31 @@ def write_manifest(folder: Path, text: str, name: str = "stack.toml") -> Path:
 
 
 @pytest.fixture(scope="session")
+def adapters(tmp_path_factory, smollm2_path) -> dict[str, Path]:
+    """Four random rank-8 adapters for SmolLM2, one per stage name: each makes its stage say something else."""
+    from edge_fslm.gguf_info import read_gguf
+    from edge_fslm.testing import write_random_lora
+
+    folder = tmp_path_factory.mktemp("adapters")
+    base = read_gguf(smollm2_path)
+    return {name: write_random_lora(base, folder / f"{name}.lora.gguf", seed=i, std=0.05)
+            for i, name in enumerate(["understand", "keywords", "context", "answer"])}
+
+
+def adapted_manifest(folder: Path, smollm2_path: Path, adapters: dict[str, Path]) -> str:
+    """Four one-line stages on SmolLM2, each with its adapter from ``adapters``."""
+    stages = "".join(f"""
+[[stages]]
+name = "{name}"
+adapter = "{path}"
+max_tokens = 8
+template = "<|im_start|>user\\n{{input}}<|im_end|>\\n<|im_start|>assistant\\n"
+""" for name, path in adapters.items())
+    text = f'[stack]\nname = "adapted"\n[models.base]\nsource = "{smollm2_path}"\n' + stages
+    return str(write_manifest(folder, text, name="adapted.toml"))
+
+
+@pytest.fixture(scope="session")
 def mixed_manifest(tmp_path_factory, smollm2_path, gemma_path) -> str:
     """Two real base models: SmolLM2 for the first stage, Gemma 3 for the second."""
     from edge_fslm.testing import write_two_model_stack

@@ -14,28 +14,17 @@ from edge_fslm.batch import run_batch
 from edge_fslm.errors import BudgetError, GGUFError, ManifestError
 from edge_fslm.gguf_info import read_gguf
 from edge_fslm.plan import prepare_stack
-from edge_fslm.testing import write_random_lora
 
-from .conftest import write_manifest
+from .conftest import adapted_manifest, write_manifest
 
 MB = 1_000_000
 PROMPT = "Why is the sky blue?"
 
 
 @pytest.fixture(scope="module")
-def adapted(tmp_path_factory, smollm2_path) -> str:
+def adapted(tmp_path_factory, smollm2_path, adapters) -> str:
     """Four one-line stages on SmolLM2, each with its own random adapter, so each stage says something else."""
-    folder = tmp_path_factory.mktemp("residency")
-    base = read_gguf(smollm2_path)
-    stages = "".join(f"""
-[[stages]]
-name = "{name}"
-adapter = "{write_random_lora(base, folder / f'{name}.lora.gguf', seed=i, std=0.05)}"
-max_tokens = 8
-template = "<|im_start|>user\\n{{input}}<|im_end|>\\n<|im_start|>assistant\\n"
-""" for i, name in enumerate(["understand", "keywords", "context", "answer"]))
-    text = f'[stack]\nname = "adapted"\n[models.base]\nsource = "{smollm2_path}"\n' + stages
-    return str(write_manifest(folder, text, name="adapted.toml"))
+    return adapted_manifest(tmp_path_factory.mktemp("residency"), smollm2_path, adapters)
 
 
 def test_one_adapter_at_a_time_says_the_same(adapted):
@@ -56,10 +45,8 @@ def test_one_adapter_at_a_time_says_the_same(adapted):
     assert len(set(outputs["all"][:4])) > 1  # the adapters really differ, so a wrong one would show
 
 
-def test_the_plan_counts_one_adapter_and_auto_takes_it_only_when_the_budget_needs_it(adapted):
-    adapter_bytes = [read_gguf(a).tensor_bytes for a in
-                     (os.path.join(os.path.dirname(adapted), f"{n}.lora.gguf")
-                      for n in ("understand", "keywords", "context", "answer"))]
+def test_the_plan_counts_one_adapter_and_auto_takes_it_only_when_the_budget_needs_it(adapted, adapters):
+    adapter_bytes = [read_gguf(a).tensor_bytes for a in adapters.values()]
     _, _, _, roomy = prepare_stack(adapted)
     _, _, _, lean = prepare_stack(adapted, adapter_residency="active")
     (fp_all,), (fp_one,) = roomy.footprints.values(), lean.footprints.values()
@@ -121,11 +108,11 @@ def test_eval_scores_the_same_with_one_adapter_at_a_time():
     assert reports["active"]["peak_rss_bytes"] < reports["all"]["peak_rss_bytes"]
 
 
-def test_an_adapter_rewritten_after_validation_is_refused(adapted, tmp_path):
+def test_an_adapter_rewritten_after_validation_is_refused(adapted, adapters, tmp_path):
     folder = tmp_path / "copy"
     folder.mkdir()
     text = open(adapted).read()
-    src = os.path.join(os.path.dirname(adapted), "answer.lora.gguf")
+    src = str(adapters["answer"])
     dst = folder / "answer.lora.gguf"
     dst.write_bytes(open(src, "rb").read())
     m = write_manifest(folder, text.replace(src, str(dst)))

@@ -19,7 +19,7 @@ from edge_fslm.gguf_info import read_gguf
 from edge_fslm.memory import parse_budget
 from edge_fslm.rss import current_rss
 
-from .conftest import write_manifest
+from .conftest import adapted_manifest, write_manifest
 
 MB = 1_000_000
 
@@ -110,26 +110,6 @@ def test_a_prompt_that_fills_the_context_stays_within_the_plan(tmp_path, flash_a
     d = json.loads(proc.stdout)
     assert d["stages"][0]["prompt_tokens"] > 1500
     assert d["predicted_peak_rss_bytes"] >= d["peak_rss_bytes"]
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory, smollm2_path):
-    folder = tmp_path_factory.mktemp("adapters")
-    base = read_gguf(smollm2_path)
-    return {name: write_random_lora(base, folder / f"{name}.lora.gguf", seed=i, std=0.05)
-            for i, name in enumerate(["understand", "keywords", "context", "answer"])}
-
-
-def adapted_manifest(folder, smollm2_path, adapters) -> str:
-    stages = "".join(f"""
-[[stages]]
-name = "{name}"
-adapter = "{path}"
-max_tokens = 8
-template = "<|im_start|>user\\n{{input}}<|im_end|>\\n<|im_start|>assistant\\n"
-""" for name, path in adapters.items())
-    text = f'[stack]\nname = "adapted"\n[models.base]\nsource = "{smollm2_path}"\n' + stages
-    return str(write_manifest(folder, text, name="adapted.toml"))
 
 
 def test_shared_base_swaps_adapters(tmp_path, smollm2_path, adapters):
