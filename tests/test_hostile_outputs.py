@@ -20,7 +20,8 @@ from edge_fslm.errors import EdgeFSLMError
 from edge_fslm.manifest import load_stack
 from edge_fslm.stage import prepare, tokenize
 
-from edge_fslm.testing.hostile import CHILD_ENV, CMD, assert_clean_refusal, cli, smollm2, stack_for
+from edge_fslm.testing.hostile import (CHILD_ENV, CMD, assert_clean_refusal, check_special_tokens, cli, smollm2,
+                                       special_spellings, special_token_prompt, stack_for)
 
 CTX = 256
 
@@ -169,3 +170,27 @@ def test_speaking_special_is_what_llama_cpp_parses_differently(tmp_path):
             raw = text.encode()
             differs = lm.llm.tokenize(raw, add_bos=False, special=True) != lm.llm.tokenize(raw, add_bos=False, special=False)
             assert speaks_special(lm, text) == differs, text
+
+
+def test_every_control_token_of_the_default_stack_stays_text():
+    """Every control token of SmolLM2's vocabulary (17, from ``<|endoftext|>`` to ``<empty_output>``),
+    spelled in every field of every stage of the default stack, adds no control token to its prompt."""
+    with Stack.load("fslm-smollm2", threads=1, preload=False) as st:
+        lm = st.pipeline.pool.get(st.pipeline.models[st.manifest.stages[0].model])
+        spellings = special_spellings(lm)
+        assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>"} <= set(spellings) and len(spellings) >= 17
+        checks = check_special_tokens(st, special_token_prompt(lm))
+    assert [c.stage for c in checks] == ["understand", "keywords", "context", "answer"]
+    assert all(c.ok and c.plain_specials > 0 for c in checks), checks
+
+
+def test_every_control_token_of_gemma_stays_text(tmp_path, gemma_path):
+    """Gemma 3's 6,000-odd control tokens (turn markers, ``<unusedN>``, image tokens) in a raw Gemma turn."""
+    m = stack_for(tmp_path, gemma_path, template="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
+                  ctx_size=256)
+    with Stack.load(m, threads=1, preload=False) as st:
+        lm = st.pipeline.pool.get(st.pipeline.models["m"])
+        spellings = special_spellings(lm)
+        assert {"<start_of_turn>", "<end_of_turn>", "<eos>"} <= set(spellings) and len(spellings) > 6000
+        (check,) = check_special_tokens(st, special_token_prompt(lm))
+    assert check.ok and check.plain_specials >= 3, check
