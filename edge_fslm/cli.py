@@ -109,6 +109,14 @@ class CliGroup(click.Group):
             for line in cli_spelling(str(exc)).splitlines() or [type(exc).__name__]:
                 click.echo(f"error: {line}", err=True)
             ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            # click would print the usage, a hint and "Error: ..." on four lines; a bad argument
+            # (an --output that is a folder, a missing option) is one error line like any other.
+            _settle_stdout()
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            click.echo(f"error: {message} — see '{where} --help'", err=True)
+            ctx.exit(exc.exit_code)
         except OSError as exc:
             if not _is_stdout_error(exc):
                 raise

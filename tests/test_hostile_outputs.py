@@ -87,6 +87,21 @@ def test_fifo_and_missing_folder_are_refused_without_hanging(tmp_path, stack):
     assert_clean_refusal(proc, "not a regular file")
 
 
+def test_a_folder_as_output_or_input_is_one_error_line(tmp_path, manifest):
+    """click's own check (``dir_okay=False``) printed usage, a hint and ``Error:`` on four lines."""
+    inp = inputs(tmp_path / "in.jsonl", ["hi"])
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    proc = cli("run", "--stack", str(manifest), "--input", str(inp), "--output", str(folder), timeout=60)
+    assert_clean_refusal(proc, "'--output'", "is a directory", "--help")
+    proc = cli("run", "--stack", str(manifest), "--input", str(folder), "--output", str(tmp_path / "o.jsonl"), timeout=60)
+    assert_clean_refusal(proc, "'--input'", "is a directory")
+    assert_clean_refusal(cli("run", "--input", str(inp), timeout=60), "batch mode needs both --input and --output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "results"]
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+
+
 def test_two_writers_never_interleave(tmp_path, stack):
     inp = inputs(tmp_path / "in.jsonl", ["hi"])
     out = tmp_path / "out.jsonl"
