@@ -28,6 +28,9 @@ MAX_STDIN_BYTES = 64 << 20  # far beyond any context; reading stops here
 DEFAULT_PARALLEL = 1  # batch mode: prompts per stage decoded together (exact, see parallel.py)
 
 
+_CLOSED_STDOUT = "stdout is closed — nothing could be printed; redirect it to a file or /dev/null"
+
+
 class _ClosedStdout(io.TextIOBase):
     """Stands in for a stdout the shell closed (``>&-``): writing to it is a clear error,
     while commands that print nothing there (batch mode) still run."""
@@ -36,7 +39,7 @@ class _ClosedStdout(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        raise EdgeFSLMError("stdout is closed — nothing could be printed; redirect it to a file or /dev/null")
+        raise EdgeFSLMError(_CLOSED_STDOUT)
 
 
 def _stdout_error(exc: OSError) -> str:
@@ -251,6 +254,8 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, 
                         adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
                         strict=strict))
         return
+    if isinstance(sys.stdout, _ClosedStdout):  # the answer could not be printed: say so before loading anything
+        raise EdgeFSLMError(_CLOSED_STDOUT)
     text = _read_prompt(prompt)
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
                     adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,

@@ -21,7 +21,7 @@ from edge_fslm.manifest import load_stack
 from edge_fslm.stage import prepare, tokenize
 
 from edge_fslm.testing.hostile import (CHILD_ENV, CMD, assert_clean_refusal, check_special_tokens, cli, smollm2,
-                                       special_spellings, special_token_prompt, stack_for)
+                                       spawn, special_spellings, special_token_prompt, stack_for)
 
 CTX = 256
 
@@ -133,6 +133,14 @@ def test_closed_and_full_stdout(manifest):
         proc = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=CHILD_ENV, timeout=120)
         assert proc.returncode == 2, (redirect, proc.returncode, proc.stderr)
         assert proc.stderr.startswith("error: ") and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_closed_stdout_is_refused_before_the_stack_loads(manifest):
+    """``run PROMPT >&-`` can print nothing: it used to load the model and run every stage first
+    (260 MB and the whole run's time on the default stack) and only then fail at the first write."""
+    proc = spawn("run", "hi", "--stack", str(manifest), close_stdout=True, rss=True).finish(60)
+    assert_clean_refusal(proc, "stdout is closed")
+    assert proc.peak_rss < 120e6, f"peak RSS {proc.peak_rss / 1e6:.0f} MB: the model was loaded"
 
 
 # --------------------------------------------------------------------------- role injection
