@@ -613,7 +613,10 @@ def run_io(workdir: Path, budget_text: str | None) -> dict:
         d.mkdir()
         before = _snapshot(root)
         t0 = time.perf_counter()
-        ran = case(d)
+        try:
+            ran = case(d)
+        except Exception as exc:  # the harness's own setup failed: a failed row, and the other cases still run
+            ran = IoRun([], expect="broken", note=f"the case could not be set up: {type(exc).__name__}: {exc}"[:300])
         seconds = time.perf_counter() - t0
         after = _snapshot(root)
         if ran.cleanup:
@@ -763,7 +766,9 @@ def main() -> None:
         print(f"killed batches: {args.kills} SIGKILLs at random moments, resumed each time ...", flush=True)
         killed = run_kills(args.kills, work)
         print("outputs and resource bounds through the real CLI ...", flush=True)
+        t_io = time.perf_counter()
         io = run_io(work, args.budget)
+        io["seconds"] = round(time.perf_counter() - t_io, 1)
         soak = None
         if not args.skip_soak:
             print(f"soak: {args.soak_runs} runs in one process ...", flush=True)
