@@ -28,6 +28,9 @@ MAX_STDIN_BYTES = 64 << 20  # far beyond any context; reading stops here
 DEFAULT_PARALLEL = 1  # batch mode: prompts per stage decoded together (exact, see parallel.py)
 
 
+_CLOSED_STDOUT = "stdout is closed — nothing could be printed; redirect it to a file or /dev/null"
+
+
 class _ClosedStdout(io.TextIOBase):
     """Stands in for a stdout the shell closed (``>&-``): writing to it is a clear error,
     while commands that print nothing there (batch mode) still run."""
@@ -36,7 +39,7 @@ class _ClosedStdout(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        raise EdgeFSLMError("stdout is closed — nothing could be printed; redirect it to a file or /dev/null")
+        raise EdgeFSLMError(_CLOSED_STDOUT)
 
 
 def _stdout_error(exc: OSError) -> str:
@@ -108,6 +111,14 @@ class CliGroup(click.Group):
             _settle_stdout()
             for line in cli_spelling(str(exc)).splitlines() or [type(exc).__name__]:
                 click.echo(f"error: {line}", err=True)
+            ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            # click would print the usage, a hint and "Error: ..." on four lines; a bad argument
+            # (an --output that is a folder, a missing option) is one error line like any other.
+            _settle_stdout()
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            click.echo(f"error: {message} — see '{where} --help'", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:
             if not _is_stdout_error(exc):
@@ -243,6 +254,8 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, 
                         adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
                         strict=strict))
         return
+    if isinstance(sys.stdout, _ClosedStdout):  # the answer could not be printed: say so before loading anything
+        raise EdgeFSLMError(_CLOSED_STDOUT)
     text = _read_prompt(prompt)
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
                     adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,

@@ -122,21 +122,23 @@ class FinalStageSettings:
 
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab, LF, CR
+_SURROGATE = re.compile("[\ud800-\udfff]")  # what str.encode("utf-8") would refuse
 
 
 def clean_prompt(prompt: str) -> str:
     """Refuse empty prompts; drop control characters other than tab and newlines."""
     if not isinstance(prompt, str):
         raise PromptError(f"prompt must be text, got {type(prompt).__name__}")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:  # lone surrogates: bytes that were not UTF-8 on the command line
+    # No step here copies the whole prompt unless it must (a control character to drop): a
+    # 50 MB prompt held twice or three times at once is what the memory budget cannot see.
+    lone = None if prompt.isascii() else _SURROGATE.search(prompt)
+    if lone:  # lone surrogates: bytes that were not UTF-8 on the command line
         raise PromptError(
-            f"prompt is not valid text (lone surrogate at character {exc.start}, e.g. bytes that are not UTF-8"
+            f"prompt is not valid text (lone surrogate at character {lone.start()}, e.g. bytes that are not UTF-8"
             " on the command line) — pass the prompt as UTF-8"
-        ) from None
-    cleaned = _CONTROL.sub("", prompt)
-    if not cleaned.strip():
+        )
+    cleaned = _CONTROL.sub("", prompt)  # the same object when there is nothing to drop
+    if not cleaned or cleaned.isspace():
         raise PromptError("prompt is empty — give the request as text")
     return cleaned
 

@@ -161,15 +161,24 @@ def _bound_input(lm: LoadedModel, stage: StageSpec, values: dict[str, str], n_ct
     if text is None or "input" not in stage.reads or len(text) <= n_ctx:  # a token is at least one character
         return values, 0
     limit = n_ctx * max_token_bytes(lm)
-    raw = text.encode("utf-8")
-    if len(raw) <= limit:
+    size = utf8_len(text)
+    if size <= limit:
         return values, 0
     if not truncate:
         raise PromptError(
-            f"stage '{stage.name}': the input is {len(raw)} bytes, at least {-(-len(raw) // (limit // n_ctx))} tokens,"
+            f"stage '{stage.name}': the input is {size} bytes, at least {-(-size // (limit // n_ctx))} tokens,"
             f" over the context of {n_ctx} — shorten the prompt, raise ctx_size, or pass truncate=True"
         )
-    return {**values, "input": raw[:limit].decode("utf-8", errors="ignore")}, len(raw) - limit
+    head = text[:limit].encode("utf-8")[:limit]  # a character is at least one byte: the first limit hold them
+    return {**values, "input": head.decode("utf-8", errors="ignore")}, size - limit
+
+
+def utf8_len(text: str, chunk: int = 1 << 20) -> int:
+    """``len(text.encode("utf-8"))`` without a copy of the whole text: a huge prompt is encoded
+    a megabyte at a time, and not at all when it is ASCII, so checking it costs no memory."""
+    if text.isascii():
+        return len(text)
+    return sum(len(text[i:i + chunk].encode("utf-8", errors="surrogatepass")) for i in range(0, len(text), chunk))
 
 
 def _dropped_by_cut(lm: LoadedModel, cut_bytes: int) -> int:

@@ -20,7 +20,8 @@ from edge_fslm.errors import EdgeFSLMError
 from edge_fslm.manifest import load_stack
 from edge_fslm.stage import prepare, tokenize
 
-from edge_fslm.testing.hostile import CHILD_ENV, CMD, assert_clean_refusal, cli, smollm2, stack_for
+from edge_fslm.testing.hostile import (CHILD_ENV, CMD, assert_clean_refusal, check_special_tokens, cli, smollm2,
+                                       spawn, special_spellings, special_token_prompt, stack_for)
 
 CTX = 256
 
@@ -86,6 +87,21 @@ def test_fifo_and_missing_folder_are_refused_without_hanging(tmp_path, stack):
     assert_clean_refusal(proc, "not a regular file")
 
 
+def test_a_folder_as_output_or_input_is_one_error_line(tmp_path, manifest):
+    """click's own check (``dir_okay=False``) printed usage, a hint and ``Error:`` on four lines."""
+    inp = inputs(tmp_path / "in.jsonl", ["hi"])
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    proc = cli("run", "--stack", str(manifest), "--input", str(inp), "--output", str(folder), timeout=60)
+    assert_clean_refusal(proc, "'--output'", "is a directory", "--help")
+    proc = cli("run", "--stack", str(manifest), "--input", str(folder), "--output", str(tmp_path / "o.jsonl"), timeout=60)
+    assert_clean_refusal(proc, "'--input'", "is a directory")
+    assert_clean_refusal(cli("run", "--input", str(inp), timeout=60), "batch mode needs both --input and --output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "results"]
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+
+
 def test_two_writers_never_interleave(tmp_path, stack):
     inp = inputs(tmp_path / "in.jsonl", ["hi"])
     out = tmp_path / "out.jsonl"
@@ -117,6 +133,14 @@ def test_closed_and_full_stdout(manifest):
         proc = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=CHILD_ENV, timeout=120)
         assert proc.returncode == 2, (redirect, proc.returncode, proc.stderr)
         assert proc.stderr.startswith("error: ") and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_closed_stdout_is_refused_before_the_stack_loads(manifest):
+    """``run PROMPT >&-`` can print nothing: it used to load the model and run every stage first
+    (260 MB and the whole run's time on the default stack) and only then fail at the first write."""
+    proc = spawn("run", "hi", "--stack", str(manifest), close_stdout=True, rss=True).finish(60)
+    assert_clean_refusal(proc, "stdout is closed")
+    assert proc.peak_rss < 120e6, f"peak RSS {proc.peak_rss / 1e6:.0f} MB: the model was loaded"
 
 
 # --------------------------------------------------------------------------- role injection
@@ -169,3 +193,27 @@ def test_speaking_special_is_what_llama_cpp_parses_differently(tmp_path):
             raw = text.encode()
             differs = lm.llm.tokenize(raw, add_bos=False, special=True) != lm.llm.tokenize(raw, add_bos=False, special=False)
             assert speaks_special(lm, text) == differs, text
+
+
+def test_every_control_token_of_the_default_stack_stays_text():
+    """Every control token of SmolLM2's vocabulary (17, from ``<|endoftext|>`` to ``<empty_output>``),
+    spelled in every field of every stage of the default stack, adds no control token to its prompt."""
+    with Stack.load("fslm-smollm2", threads=1, preload=False) as st:
+        lm = st.pipeline.pool.get(st.pipeline.models[st.manifest.stages[0].model])
+        spellings = special_spellings(lm)
+        assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>"} <= set(spellings) and len(spellings) >= 17
+        checks = check_special_tokens(st, special_token_prompt(lm))
+    assert [c.stage for c in checks] == ["understand", "keywords", "context", "answer"]
+    assert all(c.ok and c.plain_specials > 0 for c in checks), checks
+
+
+def test_every_control_token_of_gemma_stays_text(tmp_path, gemma_path):
+    """Gemma 3's 6,000-odd control tokens (turn markers, ``<unusedN>``, image tokens) in a raw Gemma turn."""
+    m = stack_for(tmp_path, gemma_path, template="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
+                  ctx_size=256)
+    with Stack.load(m, threads=1, preload=False) as st:
+        lm = st.pipeline.pool.get(st.pipeline.models["m"])
+        spellings = special_spellings(lm)
+        assert {"<start_of_turn>", "<end_of_turn>", "<eos>"} <= set(spellings) and len(spellings) > 6000
+        (check,) = check_special_tokens(st, special_token_prompt(lm))
+    assert check.ok and check.plain_specials >= 3, check

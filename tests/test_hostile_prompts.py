@@ -162,3 +162,27 @@ def test_clean_prompt_is_linear():
     t0 = time.perf_counter()
     clean_prompt("\x00a" * 500_000)
     assert time.perf_counter() - t0 < 2.0
+
+
+@pytest.mark.parametrize("piece, most", [("why is the sky blue ", 2e6), ("café 🙂 naïve ", 10e6)])
+def test_a_huge_prompt_is_never_copied_whole(stack, piece, most):
+    """A prompt the budget's plan already holds must not be copied whole during the run.
+
+    clean_prompt encoded a copy to look for lone surrogates and stripped another, and every stage
+    encoded the whole input to measure its bytes, so a 50 MB prompt took a 335 MB peak under
+    ``--budget 300MB`` (benchmarks/reliability.py). Refusing it, or cutting it with truncate, now
+    allocates at most a megabyte-sized piece at a time (ASCII: nothing).
+    """
+    import tracemalloc
+
+    text = piece * (20_000_000 // len(piece))
+    for truncate in (False, True):
+        tracemalloc.start()
+        try:
+            r = stack.run(text, truncate=truncate)
+            assert truncate and r.stages[0].truncated_input_tokens > 0
+        except PromptError as exc:
+            assert not truncate and "over the context" in str(exc)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < most, f"truncate={truncate}: {peak / 1e6:.1f} MB allocated at once for a {len(text) / 1e6:.0f}M-character prompt"
