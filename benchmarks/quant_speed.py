@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import sys
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-from common import median, smollm2_path, table, write_result
+from common import median, run_child, smollm2_path, table, write_result
 from quant_quality import build_f16, held_out_examples
 
 from edge_fslm import llama
@@ -53,6 +54,20 @@ SHIPPED = "Q4_1 (shipped)"
 _REPACK = re.compile(r"CPU_REPACK model buffer size\s*=\s*([0-9.]+) MiB")
 
 
+CHILD_RSS = r"""
+import json, sys
+from edge_fslm.rss import reset_kernel_peak, kernel_peak
+from edge_fslm import llama
+llama_cpp = llama.lib()
+path, threads, ctx, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+reset_kernel_peak()
+llm = llama_cpp.Llama(path, n_ctx=ctx, n_batch=512, n_ubatch=512, flash_attn=True, n_threads=threads,
+                      n_threads_batch=threads, verbose=False)
+llm.eval(prompt)
+print(json.dumps({"peak": kernel_peak()}))
+"""
+
+
 @dataclass
 class Row:
     """One model under test and its timings, one entry per round."""
@@ -62,6 +77,7 @@ class Row:
     prompt_tps: list[float] = field(default_factory=list)
     gen_tps: list[float] = field(default_factory=list)
     repacked_mib: float = 0.0
+    peak_rss: int | None = None
     first_tokens: list[int] = field(default_factory=list)
 
 
@@ -150,6 +166,9 @@ def main() -> None:
     if len(prompt) < args.prompt_tokens:
         raise SystemExit(f"--prompt-tokens: the held-out text has only {len(prompt)} tokens")
 
+    for r in rows:  # a fresh process per file: a repacked type holds its weights in anonymous memory, not the mmap
+        r.peak_rss = run_child(CHILD_RSS, str(r.path), str(args.threads), str(ctx), json.dumps(prompt))["peak"]
+
     load_start = os.getloadavg()
     cpu0, own0, t_start = psutil.cpu_times(), psutil.Process().cpu_times(), time.perf_counter()
     order = list(range(len(rows)))
@@ -182,7 +201,7 @@ def main() -> None:
         results.append({
             "qtype": r.name, "file": r.path.name, "file_type": info.file_type_name,
             "file_size": info.file_size, "bits_per_weight": 8 * info.file_size / n_params,
-            "repacked_mib": r.repacked_mib,
+            "repacked_mib": r.repacked_mib, "peak_rss_bytes": r.peak_rss,
             "prompt_tps": median(r.prompt_tps), "gen_tps": median(r.gen_tps),
             "prompt_vs_shipped": median(r.prompt_tps) / bp, "gen_vs_shipped": median(r.gen_tps) / bg,
             # the same ratio taken round by round (each round's rows ran seconds apart), then the median
@@ -202,8 +221,9 @@ def main() -> None:
         "results": results,
     })
     print(table([[r["qtype"], r["file_type"], f"{r['file_size'] / 1e6:.1f}", f"{r['bits_per_weight']:.2f}",
-                  f"{r['repacked_mib']:.0f}", f"{r['prompt_tps']:.0f}", f"{r['gen_tps']:.1f}"] for r in results],
-                ["type", "file type", "MB", "bits/w", "repacked MiB", "prompt tok/s", "gen tok/s"]))
+                  f"{r['repacked_mib']:.0f}", f"{(r['peak_rss_bytes'] or 0) / 2**20:.0f}", f"{r['prompt_tps']:.0f}",
+                  f"{r['gen_tps']:.1f}"] for r in results],
+                ["type", "file type", "MB", "bits/w", "repacked MiB", "peak RSS MiB", "prompt tok/s", "gen tok/s"]))
     print(f"\nmedians of {rounds} interleaved rounds; {args.prompt_tokens}-token prompt, "
           f"{args.gen_tokens} generated tokens, {args.threads} threads; other processes used "
           f"{others:.2f} cores and the hypervisor stole {steal:.2f} on average during timing; results in {path}")
