@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["adapter_swap", "overhead", "stack_latency", "batch_invariance", "batch_throughput", "roofline", "memory",
-         "quant_quality", "llamacpp_converter_parity"]
+         "quant_quality", "quant_speed", "llamacpp_converter_parity"]
 
 
 def main() -> int:
