@@ -262,11 +262,18 @@ class Pipeline:
         info = lm.model.info
         kv_type = effective_kv_type(info, self.pool.settings.kv_cache_type)
 
-        def extra(w: int) -> int:
-            n_ctx = cells * (w + 1)
-            return kv_cache_bytes(info, n_ctx, kv_type) + compute_bytes(
-                info, self.pool.settings.batch_size, n_ctx, flash_attn=self.pool.settings.flash_attn, attn_cells=cells)
 
+        def extra(w: int) -> int:
+            """The context for ``w`` slots, with the prefix states it has saved (parallel.py) and
+            this stage's: they stay while it does."""
+            n_ctx = cells * (w + 1)
+            held = lm.parallel.prefix_bytes if lm.parallel is not None else 0
+            return kv_cache_bytes(info, n_ctx, kv_type) + compute_bytes(
+                info, self.pool.settings.batch_size, n_ctx, flash_attn=self.pool.settings.flash_attn,
+                attn_cells=cells) + held + kv_cache_bytes(info, n, kv_type)
+
+        if spare_bytes is not None and extra(width) > spare_bytes:
+            self.pool.close_parallel()  # a context kept from earlier groups gives its room back first
         while spare_bytes is not None and width >= 2 and extra(width) > spare_bytes:
             width //= 2
         if width < 2:
@@ -275,6 +282,7 @@ class Pipeline:
         if lm.parallel is None or not lm.parallel.fits(lm, width + 1, cells):
             self.pool.close_parallel()
             lm.parallel = ParallelContext.open(lm, self.pool.settings, width + 1, cells, kv_type)
+            self.pool.counters.parallel_opens += 1
         lm.parallel.use_adapter(adapter, self.pool.counters)
         setup = self.pool.counters.since(c0)
         traces: list[StageTrace | None] = [None] * len(group)
@@ -289,7 +297,8 @@ class Pipeline:
         for part, prefix in ((with_prefix, n), (without, 0)):
             if part:
                 generate_group(lm.parallel, stage, [token_lists[j] for j in part], self.pool.settings.seed + i,
-                               prefix, chunk_size(self.pool.settings), on_done=lambda k, g, part=part: done(part[k], g))
+                               prefix, chunk_size(self.pool.settings), on_done=lambda k, g, part=part: done(part[k], g),
+                               counters=self.pool.counters)
         return [t for t in traces if t is not None]
 
     def run_stage_major(
