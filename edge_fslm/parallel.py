@@ -123,9 +123,10 @@ class ParallelContext:
         return cls(lm=lm, ctx=ctx, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, flash_attn=settings.flash_attn)
 
     def fits(self, lm: LoadedModel, n_seq: int, cells: int) -> bool:
-        """Reusable for ``n_seq`` sequences of ``cells`` each: exactly as many sequences (the last
-        one holds the prefix, so a wider context would leave it where no slot expects it)."""
-        return self.ctx is not None and lm is self.lm and n_seq == self.n_seq and cells <= self.n_ctx // self.n_seq
+        """Reusable for ``n_seq`` sequences of ``cells`` each. A wider one does too: a group fills
+        the slots it needs and leaves the rest empty (the prefix sits in the last sequence, which
+        :func:`generate_group` takes from the context itself)."""
+        return self.ctx is not None and lm is self.lm and n_seq <= self.n_seq and cells <= self.n_ctx // self.n_seq
 
     def use_adapter(self, adapter: ResolvedAdapter | None, counters: PoolCounters) -> None:
         want = None if adapter is None else (str(adapter.path), adapter.scale)
