@@ -11,6 +11,13 @@ one that keeps the stage's shared prompt prefix, evaluated once and copied into 
 with ``llama_memory_seq_cp``. Each step decodes one token for every busy slot in one
 batch; a prompt that finishes hands its slot to the next (continuous batching).
 
+The context outlives one call: the server keeps it open across request groups. Each prefix
+it evaluates is saved (``llama_state_seq_get_data`` of the prefix sequence, as
+``lm.prefix_cache`` saves the main context's; the two cannot share states, which record their
+context's KV stream count) and put back with ``llama_state_seq_set_data`` when a later call
+needs it (bytes copied, so exactly what evaluating it again gives), or left in place when the
+prefix sequence still holds it. Stage-major groups alternate stages, so both happen.
+
 Exactness: llama.cpp's logits depend on where a prompt is split between decodes (moving
 the split moves logits by up to ~1 on this model), so every prompt is split exactly where
 the sequential path splits it (its prefix cache, then ``n_batch`` chunks), and each
@@ -40,7 +47,7 @@ path. Sampled stages (temperature > 0) are not batched.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import llama
@@ -81,6 +88,14 @@ class ParallelContext:
     n_batch: int
     flash_attn: bool = True
     adapter: tuple[str, float] | None | str = "unset"
+    # (adapter, prefix tokens) -> (sequence state, bytes): every prefix evaluated in this context
+    prefixes: dict[tuple, tuple[Any, int]] = field(default_factory=dict)
+    holding: tuple | None = None  # the key of what the prefix sequence holds now, if anything
+
+    @property
+    def prefix_bytes(self) -> int:
+        """What the saved prefix states take, on top of the context itself."""
+        return sum(n for _, n in self.prefixes.values())
 
     @classmethod
     def open(cls, lm: LoadedModel, settings: LoadSettings, n_seq: int, cells: int, kv_type: str) -> "ParallelContext":
@@ -108,9 +123,10 @@ class ParallelContext:
         return cls(lm=lm, ctx=ctx, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, flash_attn=settings.flash_attn)
 
     def fits(self, lm: LoadedModel, n_seq: int, cells: int) -> bool:
-        """Reusable for ``n_seq`` sequences of ``cells`` each: exactly as many sequences (the last
-        one holds the prefix, so a wider context would leave it where no slot expects it)."""
-        return self.ctx is not None and lm is self.lm and n_seq == self.n_seq and cells <= self.n_ctx // self.n_seq
+        """Reusable for ``n_seq`` sequences of ``cells`` each. A wider one does too: a group fills
+        the slots it needs and leaves the rest empty (the prefix sits in the last sequence, which
+        :func:`generate_group` takes from the context itself)."""
+        return self.ctx is not None and lm is self.lm and n_seq <= self.n_seq and cells <= self.n_ctx // self.n_seq
 
     def use_adapter(self, adapter: ResolvedAdapter | None, counters: PoolCounters) -> None:
         want = None if adapter is None else (str(adapter.path), adapter.scale)
@@ -122,10 +138,45 @@ class ParallelContext:
             self.lm.set_adapter_on(self.ctx, adapter, counters)
             self.adapter = want
 
+    def load_prefix(self, tokens: list[int], chunk: int, batch: "llama.Batch", counters: PoolCounters) -> None:
+        """Empty every slot and leave ``tokens`` (a stage's shared prefix, maybe none) in the prefix
+        sequence: kept when it already holds them, else restored from a saved state, else evaluated
+        in ``chunk``-token decodes (where the sequential path splits) and saved for next time."""
+        lc = llama.lib()
+        mem = lc.llama_get_memory(self.ctx)
+        keep = self.n_seq - 1
+        key = (self.adapter, tuple(tokens))
+        if tokens and key == self.holding:
+            for seq in range(keep):
+                lc.llama_memory_seq_rm(mem, seq, -1, -1)
+            counters.parallel_prefix_reuses += 1
+            return
+        lc.llama_memory_clear(mem, False)  # the prefix goes back where it was evaluated: cell 0 on
+        self.holding = None
+        if not tokens:
+            return
+        saved = self.prefixes.get(key)
+        if saved is not None and llama.restore_sequence(self.ctx, saved[0], saved[1], keep):
+            self.holding = key
+            counters.parallel_prefix_reuses += 1
+            return
+        lc.llama_memory_clear(mem, False)
+        for start in range(0, len(tokens), chunk):
+            for p in range(start, min(start + chunk, len(tokens))):
+                batch.add(tokens[p], p, (keep,), False)
+            batch.decode(self.ctx, PARALLEL_HINT)
+        counters.parallel_prefix_evals += 1
+        buf, written = llama.save_sequence(self.ctx, keep)
+        if written:
+            self.prefixes[key] = (buf, written)
+        self.holding = key
+
     def close(self) -> None:
         if self.ctx is not None:
             llama.lib().llama_free(self.ctx)
             self.ctx = None
+        self.prefixes.clear()
+        self.holding = None
 
 
 def generate_group(
@@ -136,6 +187,7 @@ def generate_group(
     prefix: int,
     chunk: int,
     on_done: Callable[[int, Generation], None] | None = None,
+    counters: PoolCounters | None = None,
 ) -> list[Generation]:
     """Run one stage for every prompt in ``token_lists``, up to ``pctx.n_seq - 1`` at a time.
 
@@ -144,7 +196,8 @@ def generate_group(
     until the queue runs dry (fixed groups would wait for their longest answer).
 
     ``prefix`` leading tokens (the same in every prompt) are evaluated once into the last
-    sequence, which keeps them, and copied into a slot for each new prompt; the rest of
+    sequence, which keeps them (:meth:`ParallelContext.load_prefix`: across calls too), and
+    copied into a slot for each new prompt; the rest of
     each prompt goes in ``chunk``-token decodes of its own, as ``Llama.eval`` would. Packing
     several prompts' rests into one decode would be faster (a longer decode runs at more
     tokens a second; benchmarks/README.md has the figures) but not exact: llama.cpp splits a
@@ -162,7 +215,6 @@ def generate_group(
     keep = width
     s = stage.sampling
     mem = lc.llama_get_memory(pctx.ctx)
-    lc.llama_memory_clear(mem, False)
     outs = [Generation(prompt_tokens=len(t), cached_prompt_tokens=prefix) for t in token_lists]
     batch = llama.Batch(pctx.n_batch, pctx.n_seq)
     queue = list(range(len(token_lists)))
@@ -226,10 +278,7 @@ def generate_group(
             slots[dst] = slots.pop(src)
 
     try:
-        for start in range(0, prefix, chunk):  # the shared prefix, kept in its own sequence
-            for p in range(start, min(start + chunk, prefix)):
-                batch.add(token_lists[0][p], p, (keep,), False)
-            batch.decode(pctx.ctx, PARALLEL_HINT)
+        pctx.load_prefix(token_lists[0][:prefix], chunk, batch, counters if counters is not None else PoolCounters())
         while True:
             # refill every free slot before the next step: llama.cpp splits a step whose sequence
             # ids are not consecutive into several ubatches, which costs nearly a decode each

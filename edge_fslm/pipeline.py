@@ -234,8 +234,7 @@ class Pipeline:
                     on_trace(j, traces[-1])
             return traces
 
-        width = min(width, len(group))
-        if width < 2 or stage.sampling.temperature > 0:
+        if min(width, len(group)) < 2 or stage.sampling.temperature > 0:
             return one_by_one()
         c0 = self.pool.counters.snapshot()
         lm = self.pool.get(self.models[stage.model])
@@ -263,20 +262,36 @@ class Pipeline:
         cells = seq_cells(list(token_lists.values()), stage.max_tokens)
         info = lm.model.info
         kv_type = effective_kv_type(info, self.pool.settings.kv_cache_type)
+        asked = width  # a new context gets every slot asked for, so the fuller groups after this one fit it
+        width = min(width, len(group))
+
+        def kept() -> "ParallelContext | None":
+            """The context this model kept from an earlier group (the server's), when it will do."""
+            return lm.parallel if lm.parallel is not None and lm.parallel.fits(lm, width + 1, cells) else None
 
         def extra(w: int) -> int:
-            n_ctx = cells * (w + 1)
+            """The context that runs ``w`` slots (a kept one as it is), with the prefix states it has
+            saved (parallel.py) and this stage's: they stay while it does."""
+            k = kept() if w == width else None
+            n_ctx, attn = (k.n_ctx, k.n_ctx // k.n_seq) if k else (cells * (w + 1), cells)
+            held = lm.parallel.prefix_bytes if lm.parallel is not None else 0
             return kv_cache_bytes(info, n_ctx, kv_type) + compute_bytes(
-                info, self.pool.settings.batch_size, n_ctx, flash_attn=self.pool.settings.flash_attn, attn_cells=cells)
+                info, self.pool.settings.batch_size, n_ctx, flash_attn=self.pool.settings.flash_attn,
+                attn_cells=attn) + held + kv_cache_bytes(info, n, kv_type)
 
+        if spare_bytes is not None and extra(width) > spare_bytes:
+            self.pool.close_parallel()  # a context kept from earlier groups gives its room back first
         while spare_bytes is not None and width >= 2 and extra(width) > spare_bytes:
             width //= 2
         if width < 2:
             return one_by_one(skip=set(range(len(group))) - set(prepared))
         self.pool.close_parallel(keep=lm)
-        if lm.parallel is None or not lm.parallel.fits(lm, width + 1, cells):
+        if kept() is None:
             self.pool.close_parallel()
+            if asked > width and (spare_bytes is None or extra(asked) <= spare_bytes):
+                width = asked
             lm.parallel = ParallelContext.open(lm, self.pool.settings, width + 1, cells, kv_type)
+            self.pool.counters.parallel_opens += 1
         lm.parallel.use_adapter(adapter, self.pool.counters)
         setup = self.pool.counters.since(c0)
         traces: list[StageTrace | None] = [None] * len(group)
@@ -291,7 +306,8 @@ class Pipeline:
         for part, prefix in ((with_prefix, n), (without, 0)):
             if part:
                 generate_group(lm.parallel, stage, [token_lists[j] for j in part], self.pool.settings.seed + i,
-                               prefix, chunk_size(self.pool.settings), on_done=lambda k, g, part=part: done(part[k], g))
+                               prefix, chunk_size(self.pool.settings), on_done=lambda k, g, part=part: done(part[k], g),
+                               counters=self.pool.counters)
         return [t for t in traces if t is not None]
 
     def run_stage_major(

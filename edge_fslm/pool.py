@@ -118,6 +118,9 @@ class PoolCounters:
     adapter_loads: int = 0
     adapter_swaps: int = 0
     prefetches: int = 0
+    parallel_opens: int = 0  # multi-sequence contexts created (parallel.py)
+    parallel_prefix_evals: int = 0  # shared prefixes evaluated in one
+    parallel_prefix_reuses: int = 0  # ... and kept or restored from a saved state instead
     load_seconds: float = 0.0
     swap_seconds: float = 0.0
 
@@ -314,11 +317,19 @@ class ModelPool:
 
     def close_parallel(self, keep: LoadedModel | None = None) -> None:
         """Free the multi-sequence contexts of every loaded model but ``keep``: the budget
-        allows for one at a time, and a batch run leaves none behind."""
+        allows for one at a time, and a batch run leaves none behind (the server keeps one
+        across request groups, serve/scheduler.py)."""
         for lm in self._loaded.values():
             if lm is not keep and lm.parallel is not None:
                 lm.parallel.close()
                 lm.parallel = None
+
+    def park_parallel(self) -> None:
+        """Keep the multi-sequence contexts for the next group, but under adapter residency
+        "active" without their adapter: until then the main context's is the only one resident."""
+        for lm in self._loaded.values():
+            if lm.parallel is not None and not lm.keep_adapters:
+                lm.parallel.use_adapter(None, self.counters)
 
     def prefetch(self, model: ResolvedModel) -> bool:
         """Ask the kernel to start reading ``model``'s file into the page cache, if it is not loaded.

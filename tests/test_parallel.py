@@ -169,3 +169,35 @@ def test_llama_cpp_failures_in_the_parallel_path_are_one_clear_error(tmp_path, m
             run_batch(stack, inp, tmp_path / "b.jsonl", parallel=2)
         monkeypatch.undo()
         assert stack.run("still works").answer  # the sequential path is untouched
+
+
+def test_a_kept_context_reuses_its_shared_prefixes():
+    """The server keeps the multi-sequence context across request groups (serve/scheduler.py).
+    Each stage's shared prefix is then evaluated once and restored from its saved sequence state
+    by the next group, with the answers of evaluating it again and of one-at-a-time runs."""
+    def group(pipe) -> list[list[str]]:
+        rows = [{"input": p} for p in PROMPTS[:3]]
+        out: list[list[str]] = [[] for _ in rows]
+        pipe.run_stage_major(rows, width=2, on_trace=lambda k, i, t: out[k].append(t.output),
+                             on_error=lambda k, exc: pytest.fail(str(exc)))
+        return out
+
+    with Stack.load("fslm-smollm2", max_tokens=4, preload=False) as stack:
+        pipe, c = stack.pipeline, stack.pipeline.pool.counters
+        n = len(stack.manifest.stages)
+        first = group(pipe)
+        assert (c.parallel_opens, c.parallel_prefix_evals, c.parallel_prefix_reuses) == (1, n, 0)
+        again = group(pipe)  # a second group on the kept context: nothing opened or evaluated again
+        assert (c.parallel_opens, c.parallel_prefix_evals, c.parallel_prefix_reuses) == (1, n, n)
+        lm = next(lm for lm in pipe.pool.loaded if lm.parallel is not None)
+        assert len(lm.parallel.prefixes) == n and lm.parallel.prefix_bytes > 0
+        # the last stage's prefix is still in place: a group of that stage alone keeps it as it is
+        rows = [{"input": p, **{s.name: o for s, o in zip(stack.manifest.stages, outs)}}
+                for p, outs in zip(PROMPTS[:3], first)]
+        kept = [t.output for t in pipe.finish_stage_group(n - 1, rows, width=2)]
+        assert c.parallel_prefix_reuses == n + 1 and c.parallel_prefix_evals == n
+        pipe.pool.close_parallel()
+        assert lm.parallel is None
+        singles = [[s.output for s in stack.run(p).stages] for p in PROMPTS[:3]]
+    assert first == again == singles
+    assert kept == [s[-1] for s in singles]

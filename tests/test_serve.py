@@ -252,6 +252,31 @@ def test_parallel_decoding_groups_requests_and_answers_exactly(quick, tmp_path):
         assert srv.terminate() == 0, srv.output()
 
 
+def test_parallel_groups_reuse_one_context_and_its_prefixes(quick, tmp_path):
+    """Consecutive groups decode in one multi-sequence context, opened once, and evaluate each
+    stage's shared prefix once (issue 15); an idle queue gives the context back."""
+    srv = start_server(["--stack", str(quick), "--parallel", "4", "--parallel-idle", "5", "--preload"],
+                       tmp_path / "server.log")
+    try:
+        def ask(prompt: str) -> int:
+            return chat(srv, {"model": "quick", "messages": [{"role": "user", "content": prompt}],
+                              "max_tokens": 8}).status_code
+
+        with ThreadPoolExecutor(8) as pool:  # 8 clients × 3 requests: groups follow one another
+            assert set(pool.map(ask, [PROMPTS[i % len(PROMPTS)] for i in range(24)])) == {200}
+        par = httpx.get(f"{srv.url}/health").json()["parallel"]
+        stages = 2
+        assert par["groups"] >= 2, par
+        assert par["context_opens"] == 1 and par["contexts_open"] == 1, par
+        assert par["prefix_evals"] == stages and par["prefix_reuses"] == stages * (par["groups"] - 1), par
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{srv.url}/health").json()["parallel"]["contexts_open"]:
+            assert time.monotonic() < deadline, "the idle server kept its parallel context"
+            time.sleep(0.5)
+    finally:
+        assert srv.terminate() == 0, srv.output()
+
+
 def test_a_full_queue_answers_429_with_retry_after(quick, tmp_path):
     srv = start_server(["--stack", str(quick), "--queue", "1", "--preload"], tmp_path / "server.log")
     try:

@@ -27,7 +27,7 @@ from ..errors import BudgetError, EdgeFSLMError, PromptError
 from ..rss import current_rss
 from . import wire
 from .registry import Registry, UnknownModel
-from .scheduler import Cancelled, Job, QueueFull, Scheduler, ShuttingDown
+from .scheduler import PARALLEL_IDLE_SECONDS, Cancelled, Job, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger("edge_fslm.serve")
 
@@ -40,6 +40,7 @@ class ServeSettings:
     max_body_bytes: int = wire.MAX_BODY_BYTES
     queue_size: int = 64
     parallel: int = 1
+    parallel_idle: float = PARALLEL_IDLE_SECONDS
     grace_seconds: float = 30.0
 
 
@@ -82,7 +83,8 @@ class Server:
     def __init__(self, registry: Registry, settings: ServeSettings):
         self.registry = registry
         self.settings = settings
-        self.scheduler = Scheduler(registry, queue_size=settings.queue_size, parallel=settings.parallel)
+        self.scheduler = Scheduler(registry, queue_size=settings.queue_size, parallel=settings.parallel,
+                                   parallel_idle=settings.parallel_idle)
         self.started = int(time.time())
 
     # -- guards ------------------------------------------------------------------
@@ -121,6 +123,7 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         s = self.scheduler
+        c = self.registry.pool.counters
         return JSONResponse({
             "status": "ok",
             "stacks": self.registry.names,
@@ -128,6 +131,11 @@ class Server:
             "queue": {"waiting": s.waiting, "running": s.running, "size": s.queue_size, "parallel": s.parallel},
             "requests": {"completed": s.stats.completed, "failed": s.stats.failed, "cancelled": s.stats.cancelled,
                          "refused": s.stats.refused, "grouped": s.stats.grouped},
+            # the multi-sequence context groups decode in: how often it was opened, how often a
+            # stage's shared prefix was evaluated in it or reused (kept or restored) instead
+            "parallel": {"groups": s.stats.groups, "contexts_open": s.parallel_contexts,
+                         "context_opens": c.parallel_opens, "prefix_evals": c.parallel_prefix_evals,
+                         "prefix_reuses": c.parallel_prefix_reuses},
             "rss_bytes": current_rss(),
             "budget_bytes": self.registry.budget,
         })

@@ -44,6 +44,8 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
 @click.option("--threads", "-t", type=int, help="CPU threads (default: physical cores).")
 @click.option("--parallel", "-np", "parallel", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Requests for the same stack decoded together (llama-server's -np).")
+@click.option("--parallel-idle", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds an empty queue keeps the --parallel context open for the next group.")
 @click.option("--queue", "queue_size", type=click.IntRange(1, 100000), default=64, show_default=True,
               help="Requests that may wait; beyond this the server answers 429 with Retry-After.")
 @click.option("--max-body", type=click.IntRange(1024, 1 << 30), default=1 << 20, show_default=True,
@@ -53,8 +55,8 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
               help="Seconds SIGTERM waits for requests in flight before exiting.")
 @click.option("--offline/--online", default=None, help="Never touch the network for hf:// models (HF_HUB_OFFLINE).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
-def serve(stacks, host, port, api_key, insecure, budget, ctx_size, threads, parallel, queue_size, max_body, preload,
-          grace, offline, verbose):
+def serve(stacks, host, port, api_key, insecure, budget, ctx_size, threads, parallel, parallel_idle, queue_size,
+          max_body, preload, grace, offline, verbose):
     """Serve stacks over an OpenAI-compatible API (/v1/chat/completions) and a page at /."""
     _require_server_extra()
     check_exposure(host, api_key, insecure)
@@ -68,7 +70,7 @@ def serve(stacks, host, port, api_key, insecure, budget, ctx_size, threads, para
     if preload:
         registry.preload()
     settings = ServeSettings(api_key=api_key or None, max_body_bytes=max_body, queue_size=queue_size,
-                             parallel=parallel, grace_seconds=grace)
+                             parallel=parallel, parallel_idle=parallel_idle, grace_seconds=grace)
     app = create_app(registry, settings)
     names = ", ".join(registry.names)
     shown = f"[{host}]" if ":" in host else host

@@ -11,6 +11,16 @@ each stage decodes the whole group in one llama_batch (``Pipeline.finish_stage_g
 same path as ``edge-fslm batch --parallel``). A grouped request gets each stage's text when
 that stage finishes for the group, not token by token.
 
+The multi-sequence context a group decodes in stays open for the next group, as
+llama-server keeps its slots: reopening it (a KV cache for every slot) and evaluating each
+stage's shared prefix again cost every group time that grouping was meant to save. It goes
+when its model is evicted, when another model's group or the budget needs its room
+(``Pipeline.finish_stage_group``), on shutdown, and once the queue has been empty for
+``parallel_idle`` seconds, so a server at rest holds only what its plan counts. Its memory
+comes from the budget's room beyond the plan (``spare_bytes``) while it is open, as while a
+group runs. Under adapter residency "active" it keeps no adapter between groups, so a lone
+request's stage still holds the one adapter the plan counts.
+
 Events go back to the asking coroutine through ``loop.call_soon_threadsafe``. A request whose
 client went away is flagged; its run stops at the next token (alone) or is dropped from its
 group, and the worker moves on.
@@ -30,6 +40,11 @@ from ..manifest import StageSpec
 from ..pipeline import FinalStageSettings, RunResult, StageTrace
 from ..rss import current_rss
 from .registry import Registry
+
+
+# How long an empty queue keeps the last group's multi-sequence context open: long enough for
+# a client's next request to reuse it, short enough that a server at rest gives the room back.
+PARALLEL_IDLE_SECONDS = 30.0
 
 
 class QueueFull(EdgeFSLMError):
@@ -83,16 +98,19 @@ class SchedulerStats:
     cancelled: int = 0
     refused: int = 0
     grouped: int = 0  # requests that ran in a group of two or more
+    groups: int = 0  # the groups they ran in
     busy_seconds: float = 0.0
 
 
 class Scheduler:
     """The bounded queue and the worker thread that drains it."""
 
-    def __init__(self, registry: Registry, *, queue_size: int = 64, parallel: int = 1):
+    def __init__(self, registry: Registry, *, queue_size: int = 64, parallel: int = 1,
+                 parallel_idle: float = PARALLEL_IDLE_SECONDS):
         self.registry = registry
         self.queue_size = queue_size
         self.parallel = max(1, parallel)
+        self.parallel_idle = parallel_idle
         self.stats = SchedulerStats()
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
@@ -140,12 +158,17 @@ class Scheduler:
 
     # -- the worker side -----------------------------------------------------------
 
-    def _take(self) -> list[Job] | None:
+    def _take(self, idle: float | None = None) -> list[Job] | None:
+        """The next group; None once stopping, [] when the queue stayed empty for ``idle`` seconds."""
         with self._cv:
+            deadline = None if idle is None else time.monotonic() + idle
             while not self._queue:
                 if self._stopping:
                     return None
-                self._cv.wait()
+                if deadline is None:
+                    self._cv.wait()
+                elif not self._cv.wait(max(deadline - time.monotonic(), 0)) and time.monotonic() >= deadline:
+                    return []
             first = self._queue.popleft()
             group = [first]
             if self.parallel > 1:
@@ -158,11 +181,23 @@ class Scheduler:
             self._running = group
             return group
 
+    @property
+    def parallel_contexts(self) -> int:
+        """Multi-sequence contexts open now (at most one: see the module docstring)."""
+        return sum(lm.parallel is not None for lm in self.registry.pool.loaded)
+
+    def _release_parallel(self) -> None:
+        with self.registry.pool.run_lock:  # the pool's contexts are used under it
+            self.registry.pool.close_parallel()
+
     def _work(self) -> None:
         while True:
-            group = self._take()
+            group = self._take(self.parallel_idle if self.parallel_contexts else None)
             if group is None:
                 return
+            if not group:  # idle: the kept context gives its room back
+                self._release_parallel()
+                continue
             live = [j for j in group if not j.cancelled.is_set()]
             for j in group:
                 if j.cancelled.is_set():
@@ -234,6 +269,7 @@ class Scheduler:
         for job in jobs:
             job.started = t0
         self.stats.grouped += len(jobs)
+        self.stats.groups += 1
         errors: dict[int, BaseException] = {}
         traces: dict[int, list[StageTrace]] = {k: [] for k in range(len(jobs))}
         values: dict[int, dict[str, str]] = {}
@@ -268,9 +304,10 @@ class Scheduler:
                     on_trace=on_trace, on_error=errors.__setitem__, final=jobs[0].final,
                     spare_bytes=self._spare_bytes())
                 spent = pipeline.pool.counters.since(counters)
-            pipeline.pool.close_parallel()
+                pipeline.pool.park_parallel()  # kept open for the next group
         except Exception as exc:  # the whole group failed (a load error, say): every member hears why
             sampler.stop()
+            self._release_parallel()  # what a failed group leaves in its context is not kept
             for k, job in enumerate(jobs):
                 if k not in errors:
                     self._finish(job, None, exc)
