@@ -9,12 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from edge_fslm.testing import free_port
+from edge_fslm.testing import free_port, stop_ray_cluster
 
 from .serve_helpers import write_quick_stack
 
@@ -34,15 +35,17 @@ def cluster(tmp_path_factory):
            "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
     address = f"127.0.0.1:{port}"
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--temp-dir", temp_dir]
     try:
         subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", *common], env=env,
                        check=True, capture_output=True, timeout=180)
         subprocess.run([RAY, "start", "--address", address, *common], env=env, check=True, capture_output=True,
                        timeout=180)
         yield address, env
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    finally:  # this cluster only: `ray stop` would stop every Ray cluster on the machine
+        stop_ray_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
