@@ -325,8 +325,10 @@ def _run_batch_ray(stack, input_path, output_path, truncate, parallel, address, 
                                   parallel=parallel, truncate=truncate, shard_size=shard_size,
                                   options={k: v for k, v in options.items() if v is not None}, progress=progress)
     resumed = f", {report.shards_resumed} resumed from disk" if report.shards_resumed else ""
+    # how the wall time splits: connecting, and the actors' working time (the rest is start-up and idle actors)
+    busy = f" (connect {report.connect_seconds:.1f} s, busy {report.busy_seconds:.1f} s)" if report.actors else ""
     click.echo(f"{report.completed} prompts completed ({report.already_done} already done) in {report.seconds:.1f} s"
-               f" · {report.shards} shards{resumed} · {report.actors} Ray actors → {report.output}", err=True)
+               f" · {report.shards} shards{resumed} · {report.actors} Ray actors{busy} → {report.output}", err=True)
     if report.failed:
         for line in report.failed:
             click.echo(f"error: {cli_spelling(line)}", err=True)

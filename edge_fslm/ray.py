@@ -95,16 +95,18 @@ class _ShardWorker:
 
     def run(self, shard: int, rows: list[tuple[str, str, int]], where: str, truncate: bool, parallel: int) -> dict:
         import socket
+        import time
 
         if self.error:
             return {"shard": shard, "fatal": f"on node {socket.gethostname()}: {self.error}"}
+        t0 = time.perf_counter()
         items = [BatchItem(id=i, prompt=p, line=line) for i, p, line in rows]
         results: list[dict] = []
         _, failed = run_items(self.stack, items, truncate=truncate, parallel=parallel, where=where,
                               on_result=results.append)
         order = {i: k for k, (i, _, _) in enumerate(rows)}
         results.sort(key=lambda r: order[r["id"]])  # input order, whatever order the group finished in
-        return {"shard": shard, "results": results, "failed": failed}
+        return {"shard": shard, "results": results, "failed": failed, "seconds": time.perf_counter() - t0}
 
 
 def _on_actors(ray, worker, args: tuple, shard_ids: list[int], call, *, threads: int, actors: int | None,
@@ -244,6 +246,8 @@ class RayReport:
     seconds: float
     output: str
     failed: list[str] = field(default_factory=list)
+    connect_seconds: float = 0.0  # ray.init: what every run pays before an actor starts
+    busy_seconds: float = 0.0  # the actors' time inside shards (the first one's model load included), summed
 
 
 def _write_atomic(path: Path, records: list[dict]) -> None:
@@ -346,13 +350,17 @@ def run_batch_on_ray(
             progress(n_done_prompts, len(items))
         failed: dict[str, str] = {}
         n_actors = 0
+        connect_s = busy_s = 0.0
         if todo:
+            t_connect = time.perf_counter()
             ray = connect(address)
+            connect_s = time.perf_counter() - t_connect
             where = str(input_path)
 
             def take(reply: dict) -> None:
-                nonlocal n_done_prompts
+                nonlocal n_done_prompts, busy_s
                 failed.update(reply["failed"])
+                busy_s += reply["seconds"]
                 _write_atomic(shards_dir / f"shard-{reply['shard']:06d}.jsonl", reply["results"])
                 n_done_prompts += len(shards[reply["shard"]])
                 if progress:
@@ -380,7 +388,8 @@ def run_batch_on_ray(
         ok = True
         return RayReport(total=len(items), already_done=len(items) - completed - len(failed), completed=completed,
                          shards=len(shards), shards_resumed=len(on_disk), actors=n_actors,
-                         seconds=time.perf_counter() - t0, output=str(out), failed=list(failed.values()))
+                         seconds=time.perf_counter() - t0, output=str(out), failed=list(failed.values()),
+                         connect_seconds=connect_s, busy_seconds=busy_s)
     finally:
         if not ok and fresh:  # a run that failed before any result (no cluster, say) leaves nothing behind;
             _remove_if_empty(out, shards_dir)  # still under the lock, so no other driver holds the file

