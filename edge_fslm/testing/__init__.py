@@ -103,7 +103,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_ray_cluster(temp_dir: str | os.PathLike, timeout: float = 30.0) -> int:
+def stop_ray_cluster(temp_dir: str | os.PathLike, timeout: float = 10.0) -> int:
     """Stop the Ray processes of the cluster started with ``ray start --temp-dir temp_dir``, and
     only those: ``ray stop`` stops every Ray process on the machine, other users' clusters too.
 
