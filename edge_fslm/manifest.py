@@ -643,8 +643,9 @@ class _Validator:
             model = next(iter(models))
         if model and model not in models:
             hint = difflib.get_close_matches(model, list(models), n=1)
-            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            self.err(where + "model", f"unknown model '{_name(model)}'{extra} — defined models: {', '.join(models) or 'none'}")
+            extra = f" (did you mean '{_name(hint[0])}'?)" if hint else ""
+            shown = [_name(m) for m in list(models)[:8]] + (["…"] if len(models) > 8 else [])
+            self.err(where + "model", f"unknown model '{_name(model)}'{extra} — defined models: {', '.join(shown) or 'none'}")
 
         adapter = None
         if "adapter" in st:

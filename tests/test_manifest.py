@@ -265,3 +265,15 @@ def test_template_language():
     assert t.render({"input": "{input.__class__}", "x-y": "Z"}) == "a {input.__class__} {literal} Z"
     with pytest.raises(TemplateSyntaxError):
         parse_template("{a.b}")
+
+
+def test_unknown_model_lists_defined_models_shortened():
+    """Found by the mutation fuzzer: a 5,000-character model id was echoed whole in the list of
+    defined models, making a 5,090-character error line. Every name shown is shortened."""
+    text = ('[models."' + "9" * 5000 + '"]\nsource = "m.gguf"\n[models.b]\nsource = "m.gguf"\n'
+            '[[stages]]\nname = "s"\nmodel = "smollm2"\ntemplate = "{input}"\n')
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(text, origin="m.toml")
+    lines = str(info.value).splitlines()
+    assert any("unknown model 'smollm2'" in line and "defined models: 999" in line for line in lines)
+    assert all(len(line) < 300 for line in lines), max(lines, key=len)[:300]
