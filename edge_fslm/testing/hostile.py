@@ -83,6 +83,8 @@ class TreePeak:
     def _run(self) -> None:
         import psutil
 
+        from ..rss import kernel_peak
+
         try:
             root = psutil.Process(self.pid)
         except psutil.Error:
@@ -98,12 +100,7 @@ class TreePeak:
                     total += proc.memory_info().rss
                 except psutil.Error:
                     continue
-                try:
-                    with open(f"/proc/{proc.pid}/status") as f:
-                        hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
-                    self.peak = max(self.peak, hwm)
-                except (OSError, ValueError):
-                    pass
+                self.peak = max(self.peak, kernel_peak(proc.pid) or 0)
             self.peak = max(self.peak, total)
             self._stop.wait(self.interval)
 
