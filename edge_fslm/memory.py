@@ -151,12 +151,15 @@ def footprint(model_id: str, info: GGUFInfo, *, ctx_size: int, batch_size: int,
               kv_cache_type: str = "f16", flash_attn: bool = True, adapter_residency: str = "all") -> Footprint:
     """``adapter_residency`` "active" holds one adapter at a time: the largest is what it costs."""
     adapter_bytes = [a.tensor_bytes for a in adapters or []]
+    # Holding one adapter at a time, llama.cpp reuses the pages the last adapter and the last
+    # scheduler rebuild freed, so only one switch's fresh pages count.
+    switches = len(adapter_bytes) if adapter_residency == "all" else min(len(adapter_bytes), 1)
     return Footprint(
         model=model_id,
         weights=info.tensor_bytes,
         kv_cache=kv_cache_bytes(info, ctx_size, effective_kv_type(info, kv_cache_type)),
         compute=compute_bytes(info, batch_size, ctx_size, flash_attn=flash_attn)
-        + ADAPTER_SWITCH_BYTES * len(adapters or []),
+        + ADAPTER_SWITCH_BYTES * switches,
         adapters=sum(adapter_bytes) if adapter_residency == "all" else max(adapter_bytes, default=0),
         overhead=MODEL_OVERHEAD + OVERHEAD_PER_VOCAB * (info.n_vocab or 0),
         prefix_cache=kv_cache_bytes(info, min(prefix_tokens, ctx_size), effective_kv_type(info, kv_cache_type)),

@@ -71,7 +71,7 @@ def test_one_adapter_at_a_time_costs_less_peak_memory_and_stays_within_its_plan(
              "--adapter-residency", residency], capture_output=True, timeout=300)
         assert proc.returncode == 0, proc.stderr.decode()
         d = json.loads(proc.stdout)
-        assert d["peak_rss_bytes"] <= d["predicted_peak_rss_bytes"]
+        assert d["peak_rss_bytes"] <= d["predicted_peak_rss_bytes"] <= d["peak_rss_bytes"] * 1.10, residency
         peaks[residency], answers[residency] = d["peak_rss_bytes"], [s["output"] for s in d["stages"]]
     assert answers["all"] == answers["active"]
     assert peaks["all"] - peaks["active"] > 2 * 4.9 * MB, peaks
