@@ -101,8 +101,27 @@ def cli_spelling(message: str) -> str:
     return message
 
 
+def _usage_error(exc: click.UsageError, ctx: click.Context) -> None:
+    """click would print the usage, a hint and "Error: ..." on four lines; a bad argument (an
+    --output that is a folder, a missing option, an unknown top-level flag) is one error line."""
+    _settle_stdout()
+    where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    click.echo(f"error: {message} — see '{where} --help'", err=True)
+    ctx.exit(exc.exit_code)
+
+
 class CliGroup(click.Group):
     """The group every command runs under: an EdgeFSLMError becomes one ``error:`` line and its exit code."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:  # bare `edge-fslm`: the help, as click shows it
+            raise
+        except click.UsageError as exc:  # `edge-fslm --bogus`, before any command runs
+            _usage_error(exc, ctx)
+            raise  # unreachable: ctx.exit raises
 
     def invoke(self, ctx: click.Context):
         try:
@@ -113,13 +132,7 @@ class CliGroup(click.Group):
                 click.echo(f"error: {line}", err=True)
             ctx.exit(exc.exit_code)
         except click.UsageError as exc:
-            # click would print the usage, a hint and "Error: ..." on four lines; a bad argument
-            # (an --output that is a folder, a missing option) is one error line like any other.
-            _settle_stdout()
-            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            message = " ".join(exc.format_message().split()).rstrip(".")
-            click.echo(f"error: {message} — see '{where} --help'", err=True)
-            ctx.exit(exc.exit_code)
+            _usage_error(exc, ctx)
         except OSError as exc:
             if not _is_stdout_error(exc):
                 raise

@@ -217,3 +217,12 @@ def test_every_control_token_of_gemma_stays_text(tmp_path, gemma_path):
         assert {"<start_of_turn>", "<end_of_turn>", "<eos>"} <= set(spellings) and len(spellings) > 6000
         (check,) = check_special_tokens(st, special_token_prompt(lm))
     assert check.ok and check.plain_specials >= 3, check
+
+
+def test_unknown_flags_and_commands_are_one_error_line_at_every_level():
+    """A misspelt top-level flag printed click's usage, a hint and ``Error:``; now it reads like the rest."""
+    assert_clean_refusal(cli("--bogus", timeout=60), "No such option '--bogus'", "see 'edge-fslm --help'")
+    assert_clean_refusal(cli("bogus", timeout=60), "No such command 'bogus'", "see 'edge-fslm --help'")
+    assert_clean_refusal(cli("run", "--bogus", timeout=60), "No such option '--bogus'", "see 'edge-fslm run --help'")
+    bare = cli(timeout=60)  # no arguments at all: the help, not an error
+    assert bare.returncode == 2 and "Usage: edge-fslm" in bare.stdout.decode() + bare.err and "error:" not in bare.err
