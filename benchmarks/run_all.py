@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["adapter_swap", "overhead", "stack_latency", "batch_invariance", "batch_throughput", "roofline", "memory",
+ORDER = ["adapter_swap", "overhead", "stack_latency", "lookup_decoding", "batch_invariance", "batch_throughput", "roofline", "memory",
          "quant_quality", "quant_speed", "llamacpp_converter_parity"]
 
 

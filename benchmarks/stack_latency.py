@@ -52,11 +52,12 @@ EXTRA = [
 STACKS = ("fslm-smollm2", "fslm-smollm2-prompted")
 
 
-def edge_runs(name: str, prompts: list[str], threads: int, prefix_cache: bool) -> tuple[list[float], list, dict]:
+def edge_runs(name: str, prompts: list[str], threads: int, prefix_cache: bool,
+              draft_max: int = 0) -> tuple[list[float], list, dict]:
     """Time ``Stack.run`` per prompt; also return the traces and each stage's adapter path (or None)."""
     m = load_builtin(name)
     m = replace(m, runtime=replace(m.runtime, prefix_cache=prefix_cache))
-    with Stack.load(m, threads=threads, measure_rss=False) as stack:
+    with Stack.load(m, threads=threads, measure_rss=False, draft_max=draft_max) as stack:
         adapters = {s.name: (str(a.path) if (a := stack.pipeline.adapters.get(s.name)) else None)
                     for s in m.stages}
         stack.run(prompts[0])  # warm-up: page cache, first-touch, and (when on) the prefix cache
@@ -87,7 +88,22 @@ def complete(llm, msgs, n, s) -> None:
                                min_p=s.min_p, repeat_penalty=s.repeat_penalty)
 
 
-def measure_stack(name: str, prompts: list[str], threads: int) -> dict:
+def lookup_stats(traces: list) -> dict:
+    """Per stage: guesses verified and accepted, and tokens per decode after the first token
+    (each decode yields one token of its own plus the guesses it accepted)."""
+    out = {}
+    for i, st in enumerate(traces[0].stages):
+        rows = [r.stages[i] for r in traces]
+        drafted = sum(s.draft_n for s in rows)
+        accepted = sum(s.draft_n_accepted for s in rows)
+        after_first = sum(max(s.completion_tokens - 1, 0) for s in rows)
+        out[st.name] = {"drafted": drafted, "accepted": accepted,
+                        "acceptance": accepted / drafted if drafted else 0.0,
+                        "tokens_per_decode": after_first / (after_first - accepted) if after_first > accepted else 1.0}
+    return out
+
+
+def measure_stack(name: str, prompts: list[str], threads: int, draft_max: int) -> dict:
     from llama_cpp import Llama
 
     manifest = load_builtin(name)
@@ -97,6 +113,8 @@ def measure_stack(name: str, prompts: list[str], threads: int) -> dict:
 
     shipped, traces, adapters = edge_runs(name, prompts, threads, prefix_cache=True)
     no_prefix, _, _ = edge_runs(name, prompts, threads, prefix_cache=False)
+    lookup, lookup_traces, _ = edge_runs(name, prompts, threads, prefix_cache=True, draft_max=draft_max)
+    same = sum([s.output for s in a.stages] == [s.output for s in b.stages] for a, b in zip(traces, lookup_traces))
     work = [rendered_messages(manifest, r, adapters) for r in traces]
 
     resident = {a: Llama(path, lora_path=a, **kw) for a in dict.fromkeys(adapters.values())}
@@ -127,7 +145,8 @@ def measure_stack(name: str, prompts: list[str], threads: int) -> dict:
 
     cols = {"naive (new Llama per stage)": naive, "ideal (resident Llama, no loads)": ideal,
             "ideal, KV reset before each call": cold,
-            "edge-fslm, prefix cache off": no_prefix, "edge-fslm (shipped)": shipped}
+            "edge-fslm, prefix cache off": no_prefix, "edge-fslm (shipped)": shipped,
+            f"edge-fslm, --draft-max {draft_max}": lookup}
     ref = median(ideal)
     return {
         "adapters": sorted(a for a in set(adapters.values()) if a),
@@ -137,6 +156,8 @@ def measure_stack(name: str, prompts: list[str], threads: int) -> dict:
         "ratios_vs_ideal": {k: median(v) / ref for k, v in cols.items()},
         "ratios_vs_ideal_cold": {k: median(v) / median(cold) for k, v in cols.items()},
         "prefix_cache_latency_saving": 1 - median(shipped) / median(no_prefix),
+        "lookup": {"draft_max": draft_max, "identical_answers": same, "of": len(prompts),
+                   "stages": lookup_stats(lookup_traces), "latency_vs_shipped": median(lookup) / median(shipped)},
     }
 
 
@@ -145,12 +166,13 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stacks", default=",".join(STACKS))
+    ap.add_argument("--draft-max", type=int, default=8, help="prompt-lookup guesses per decode for the lookup column")
     args = ap.parse_args()
     prompts = (DEFAULT_PROMPTS + EXTRA)[: args.prompts]
     from edge_fslm import llama
 
     llama.lib()  # same OpenMP wait policy for every column
-    results = {name: measure_stack(name, prompts, args.threads) for name in args.stacks.split(",")}
+    results = {name: measure_stack(name, prompts, args.threads, args.draft_max) for name in args.stacks.split(",")}
     for name, res in results.items():
         secs = res["seconds"]
         ref = secs["ideal (resident Llama, no loads)"]["median"]
@@ -164,11 +186,18 @@ def main() -> None:
         print(f"{name}: edge-fslm without prefix cache / cold ideal: {c['edge-fslm, prefix cache off']:.2f}× (target ≤ 1.05×)")
         print(f"{name}: edge-fslm / ideal: {r['edge-fslm (shipped)']:.2f}×"
               f" (prefix cache saves {res['prefix_cache_latency_saving'] * 100:.0f}% of the latency)")
+        lk = res["lookup"]
+        print(f"{name}: --draft-max {lk['draft_max']} / shipped: {lk['latency_vs_shipped']:.2f}×,"
+              f" {lk['identical_answers']} of {lk['of']} answers identical (every stage)")
+        for stage, st in lk["stages"].items():
+            print(f"  {stage:<12} {st['accepted']:>5} of {st['drafted']:>5} guesses accepted,"
+                  f" {st['tokens_per_decode']:.2f} tokens per decode")
     write_result("stack_latency", {
         "prompts": len(prompts),
         "threads": args.threads,
         "stacks": results,
         "target_no_prefix_over_cold_ideal": 1.05,
+        "target_lookup_over_ideal": 0.85,
     })
 
 

@@ -115,6 +115,7 @@ class Stack:
         mmap: bool | None = None,
         seed: int | None = None,
         flash_attn: bool | None = None,
+        draft_max: int | None = None,
         adapter_residency: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -140,7 +141,7 @@ class Stack:
         manifest, models, adapters, plan = prepare_stack(
             stack, budget=budget, policy=policy, offline=offline, strict=strict, ctx_size=ctx_size, threads=threads,
             batch_size=batch_size, gpu_layers=gpu_layers, mmap=mmap, seed=seed, flash_attn=flash_attn,
-            adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature,
+            draft_max=draft_max, adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature,
         )
         return cls.from_prepared(manifest, models, adapters, plan, verbose=verbose, measure_rss=measure_rss,
                                  preload=preload, pool=pool)

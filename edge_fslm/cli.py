@@ -202,6 +202,10 @@ def _runtime_options(f):
         click.option("--flash-attn", "-fa", "flash_attn", type=click.Choice(["on", "off"]),
                      help="Flash attention (default: the manifest's, on). Off: long prompts touch more memory,"
                           " and --parallel batches every step."),
+        click.option("--draft-max", "draft_max", type=click.IntRange(0, 64),
+                     help="Prompt-lookup decoding: verify up to N guesses copied from the prompt per decode."
+                          " The output is identical; it is faster only where a multi-token decode is cheap"
+                          " (not on small x86 CPUs: see the README). 0 = off (default: the manifest's)."),
         click.option("--budget", "-b", help="Peak-RSS budget for the whole process: 300MB, 1.5GiB, or 40% of available RAM."),
         click.option("--policy", type=click.Choice(POLICIES),
                      help="Residency policy (default: the planner chooses)."),
@@ -237,7 +241,7 @@ def _runtime_options(f):
               help="Actors (one stack each) for --ray (default: the cluster's CPUs / threads).")
 @click.option("--ray-shard-size", type=click.IntRange(1, 100000), default=16, show_default=True,
               help="Prompts per shard for --ray: the unit that is retried, saved and resumed.")
-def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, policy, adapter_residency, offline,
+def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, draft_max, budget, policy, adapter_residency, offline,
         strict, verbose, max_tokens, temperature, trace, as_json, truncate, input_path, output_path, parallel, ray_address, ray_actors,
         ray_shard_size):
     """Run PROMPT through a stack and print the answer ('-' reads stdin).
@@ -258,19 +262,19 @@ def run(prompt, stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, 
             raise click.UsageError("give either a PROMPT or --input, not both")
         if ray_address:
             _run_batch_ray(stack, input_path, output_path, truncate, parallel, ray_address, ray_actors, ray_shard_size,
-                           threads, dict(ctx_size=ctx_size, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
+                           threads, dict(ctx_size=ctx_size, gpu_layers=gpu_layers, seed=seed, flash_attn=fa, draft_max=draft_max,
                                          adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy,
                                          offline=offline, strict=strict))
             return
         _run_batch(stack, input_path, output_path, truncate, verbose, parallel,
-                   dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
+                   dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa, draft_max=draft_max,
                         adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
                         strict=strict))
         return
     if isinstance(sys.stdout, _ClosedStdout):  # the answer could not be printed: say so before loading anything
         raise EdgeFSLMError(_CLOSED_STDOUT)
     text = _read_prompt(prompt)
-    with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa,
+    with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, flash_attn=fa, draft_max=draft_max,
                     adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature, budget=budget, policy=policy, offline=offline,
                     strict=strict, verbose=verbose, preload=False) as st:  # load inside the run, so the trace shows what loading cost
         on_end = _print_trace if trace else None
@@ -384,7 +388,7 @@ def plan(stack, budget, ctx_size, batch_size, policy, adapter_residency, offline
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False),
               help="Draw the RSS timeline and latency breakdown to a PNG (needs the [plot] extra).")
-def profile(stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, policy, adapter_residency, offline, strict,
+def profile(stack, ctx_size, threads, gpu_layers, seed, flash_attn, draft_max, budget, policy, adapter_residency, offline, strict,
             verbose,
             prompts_file, max_tokens, output, plot):
     """Profile a stack: per-stage load, swap, TTFT, tokens/s, peak RSS, and an RSS timeline."""
@@ -398,7 +402,7 @@ def profile(stack, ctx_size, threads, gpu_layers, seed, flash_attn, budget, poli
         except ImportError:
             raise click.UsageError("--plot needs matplotlib: pip install 'edge-fslm[plot]'") from None
     with Stack.load(stack, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, seed=seed, max_tokens=max_tokens,
-                    flash_attn=_on_off(flash_attn), budget=budget, policy=policy, adapter_residency=adapter_residency,
+                    flash_attn=_on_off(flash_attn), draft_max=draft_max, budget=budget, policy=policy, adapter_residency=adapter_residency,
                     offline=offline, strict=strict, verbose=verbose, preload=False, measure_rss=False) as st:
         report = profile_stack(st, prompts)
     click.echo(format_report(report))

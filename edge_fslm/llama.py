@@ -23,6 +23,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from llama_cpp import Llama
 
 GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids, as llama.cpp's --cache-type-k/-v take them
+# With flash attention, llama.cpp 0.3.36's CPU kernel for a lone query switches to a split-KV
+# form once it sees 512 KV cells, which a lone sequence does from position 256 on (it pads the
+# cells it attends to in steps of 256). A decode of several queries takes the one-pass kernel, so
+# from this position on its logits differ from a one-token decode's (parallel.py, lookup.py).
+LONE_FROM = 256
 
 _LOG: dict[str, Any] = {"verbose": False, "callback": None}
 

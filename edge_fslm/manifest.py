@@ -48,6 +48,7 @@ RUNTIME_INT_BOUNDS = {
     "batch_size": (1, MAX_CTX),
     "gpu_layers": (-1, 100000),
     "seed": (0, 2**32 - 1),
+    "draft_max": (0, 64),
 }
 MAX_TOKENS = 1 << 16
 RESERVED_FIELDS = ("input",)
@@ -161,6 +162,9 @@ class RuntimeSpec:
     # parallel.py). Off: the KQ scores take memory per KV cell, and every --parallel step batches.
     flash_attn: bool = True
     adapter_residency: str = "auto"  # auto | all | active (ADAPTER_RESIDENCIES)
+    # Prompt-lookup decoding (lookup.py): guesses copied from the prompt, verified up to this many
+    # per decode, with output identical to one token a decode. 0 = off. llama.cpp's --draft-max.
+    draft_max: int = 0
 
 
 @dataclass(frozen=True)

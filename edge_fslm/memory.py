@@ -64,6 +64,9 @@ KQ_MASK_BYTES_PER_CELL = 2  # bytes per micro-batch token and KV cell beyond the
 # llama_set_adapters_lora makes llama.cpp rebuild its scheduler and compute buffer (sched_reserve);
 # the first micro-batch after each adapter switch touches fresh pages the plan otherwise misses.
 ADAPTER_SWITCH_BYTES = 2 * MiB  # per adapter a loaded base switches to
+# Prompt-lookup decoding (lookup.py) asks for logits at every guessed position, so llama.cpp's
+# output buffer grows from one row of n_vocab floats to 1 + draft_max rows.
+LOGITS_BYTES_PER_VOCAB = 4
 
 
 def parse_budget(text: str | int | None, *, available: int | None = None) -> int | None:
@@ -148,8 +151,10 @@ def compute_bytes(info: GGUFInfo, batch_size: int, ctx_size: int, *, flash_attn:
 
 def footprint(model_id: str, info: GGUFInfo, *, ctx_size: int, batch_size: int,
               adapters: list[GGUFInfo] | None = None, prefix_tokens: int = 0,
-              kv_cache_type: str = "f16", flash_attn: bool = True, adapter_residency: str = "all") -> Footprint:
-    """``adapter_residency`` "active" holds one adapter at a time: the largest is what it costs."""
+              kv_cache_type: str = "f16", flash_attn: bool = True, adapter_residency: str = "all",
+              draft_max: int = 0) -> Footprint:
+    """``adapter_residency`` "active" holds one adapter at a time: the largest is what it costs.
+    ``draft_max`` guesses verified per decode each add a row of logits."""
     adapter_bytes = [a.tensor_bytes for a in adapters or []]
     # Holding one adapter at a time, llama.cpp reuses the pages the last adapter and the last
     # scheduler rebuild freed, so only one switch's fresh pages count.
@@ -159,7 +164,7 @@ def footprint(model_id: str, info: GGUFInfo, *, ctx_size: int, batch_size: int,
         weights=info.tensor_bytes,
         kv_cache=kv_cache_bytes(info, ctx_size, effective_kv_type(info, kv_cache_type)),
         compute=compute_bytes(info, batch_size, ctx_size, flash_attn=flash_attn)
-        + ADAPTER_SWITCH_BYTES * switches,
+        + ADAPTER_SWITCH_BYTES * switches + draft_max * (info.n_vocab or 0) * LOGITS_BYTES_PER_VOCAB,
         adapters=sum(adapter_bytes) if adapter_residency == "all" else max(adapter_bytes, default=0),
         overhead=MODEL_OVERHEAD + OVERHEAD_PER_VOCAB * (info.n_vocab or 0),
         prefix_cache=kv_cache_bytes(info, min(prefix_tokens, ctx_size), effective_kv_type(info, kv_cache_type)),

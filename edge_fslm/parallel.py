@@ -59,11 +59,9 @@ from .stage import Generation, TokenCollector
 PARALLEL_HINT = "in a parallel batch — lower parallel"
 
 CTX_ROUND = 256  # KV cells are allocated in steps, so stages of similar length reuse one context
-# With flash attention, llama.cpp 0.3.36's CPU kernel for a lone query switches to a split-KV
-# form once it sees 512 KV cells, which a lone sequence does from position 256 on (it pads the
-# cells it attends to in steps of 256). A slot at or past that position is decoded alone, as the
-# sequential path decodes it, so it takes the same kernel; shorter ones are decoded together.
-LONE_FROM = 256
+# A slot at or past LONE_FROM is decoded alone, as the sequential path decodes it, so it takes the
+# same flash-attention kernel; shorter ones are decoded together.
+LONE_FROM = llama.LONE_FROM
 
 
 def chunk_size(settings: LoadSettings) -> int:

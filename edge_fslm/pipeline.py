@@ -38,6 +38,8 @@ class StageTrace:
     gen_seconds: float = 0.0
     truncated_input_tokens: int = 0
     cached_prompt_tokens: int = 0
+    draft_n: int = 0  # prompt-lookup guesses verified (llama.cpp server's timings name them so)
+    draft_n_accepted: int = 0  # ... that the model produced itself: tokens that cost no decode of their own
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -423,4 +425,6 @@ def _trace(stage: StageSpec, gen: Generation, adapter: ResolvedAdapter | None, s
         gen_seconds=gen.gen_seconds,
         truncated_input_tokens=gen.truncated_input_tokens,
         cached_prompt_tokens=gen.cached_prompt_tokens,
+        draft_n=gen.lookup.drafted if gen.lookup else 0,
+        draft_n_accepted=gen.lookup.accepted if gen.lookup else 0,
     )

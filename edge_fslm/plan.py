@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gguf_info, sources
+from . import gguf_info, lookup, sources
 from .errors import SourceError
 from .manifest import ADAPTER_RESIDENCIES, Manifest, load_stack
 from .memory import Footprint, Plan, StageRow, footprint, parse_budget, plan_residency, process_baseline
@@ -77,7 +77,8 @@ class ResidencyUnit:
         return footprint(self.model.id, self.model.info, ctx_size=rt.ctx_size, batch_size=rt.batch_size,
                          adapters=list(self.adapters.values()), prefix_tokens=self.prefix_tokens,
                          kv_cache_type=rt.kv_cache_type, flash_attn=rt.flash_attn,
-                         adapter_residency=adapter_residency)
+                         adapter_residency=adapter_residency,
+                         draft_max=rt.draft_max if not lookup.inexact_types(self.model.info) else 0)
 
     def merged(self, other: "ResidencyUnit") -> "ResidencyUnit":
         """The same file used by another stack: loaded once, carrying both stacks' adapters."""

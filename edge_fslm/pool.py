@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import llama
+from . import llama, lookup
 from .errors import EdgeFSLMError, GGUFError
 from .gguf_info import GGUFInfo
 
@@ -99,6 +99,8 @@ class LoadSettings:
     # "all": an adapter stays loaded once used, so a swap is one llama.cpp call; "active": only
     # the adapters a context has set stay loaded (the plan resolves the manifest's "auto").
     adapter_residency: str = "all"
+    # Verify up to this many prompt-lookup guesses per decode (lookup.py; llama.cpp's --draft-max).
+    draft_max: int = 0
 
     @classmethod
     def from_runtime(cls, rt, *, verbose: bool = False) -> "LoadSettings":
@@ -106,7 +108,8 @@ class LoadSettings:
         return cls(ctx_size=rt.ctx_size, threads=rt.threads or default_threads(), batch_size=rt.batch_size,
                    gpu_layers=rt.gpu_layers, mmap=rt.mmap, seed=rt.seed, verbose=verbose,
                    prefix_cache=rt.prefix_cache, kv_cache_type=rt.kv_cache_type, flash_attn=rt.flash_attn,
-                   adapter_residency="all" if rt.adapter_residency == "auto" else rt.adapter_residency)
+                   adapter_residency="all" if rt.adapter_residency == "auto" else rt.adapter_residency,
+                   draft_max=rt.draft_max)
 
 
 @dataclass
@@ -155,6 +158,8 @@ class LoadedModel:
     parallel: Any = None  # parallel.ParallelContext: a multi-sequence context on this model, for batch runs
     chat_formatter: Any = None  # the model's Jinja chat template, compiled once (stage.render_prompt)
     vocab_facts: Any = None  # stage.VocabFacts: the longest token piece and the control tokens, read once
+    draft_max: int = 0  # prompt-lookup guesses verified per decode (lookup.py); 0 = one token a decode
+    lone_from: int | None = None  # the first position a guess may not reach (flash attention), or None
 
     @property
     def vocab(self) -> Any:
@@ -312,8 +317,11 @@ class ModelPool:
             ) from None
         self.counters.loads += 1
         self.counters.load_seconds += time.perf_counter() - t0
+        # lookup decoding only where its guesses' logits are exact (lookup.EXACT_TYPES)
+        draft_max = 0 if lookup.inexact_types(model.info) else s.draft_max
         return LoadedModel(model=model, llm=llm, prefix_cache_enabled=s.prefix_cache,
-                           keep_adapters=s.adapter_residency != "active")
+                           keep_adapters=s.adapter_residency != "active", draft_max=draft_max,
+                           lone_from=llama.LONE_FROM if s.flash_attn else None)
 
     def close_parallel(self, keep: LoadedModel | None = None) -> None:
         """Free the multi-sequence contexts of every loaded model but ``keep``: the budget

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import llama
+from . import llama, lookup
 from .errors import GGUFError, ManifestError, PromptError
 from .manifest import StageSpec
 from .pool import LoadedModel
@@ -32,6 +32,7 @@ class Generation:
     gen_seconds: float = 0.0
     truncated_input_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the stage's prefix cache
+    lookup: lookup.LookupStats | None = None  # when prompt-lookup decoding ran
 
 
 def _formatter(lm: LoadedModel, stage: StageSpec):
@@ -428,15 +429,24 @@ def generate(lm: LoadedModel, stage: StageSpec, tokens: list[int], seed: int, ou
     out.prompt_tokens = len(tokens)
     t0 = time.perf_counter()
     t_first = None
-    gen = llm.generate(
-        tokens,
-        temp=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        min_p=s.min_p,
-        repeat_penalty=s.repeat_penalty,
-        reset=True,
-    )
+    sampler = None
+    if lm.draft_max:
+        # the sampler chain Llama.generate builds, seeded the same way: the tokens are identical
+        sampler = llama.sampler_chain(llm, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                      min_p=s.min_p, repeat_penalty=s.repeat_penalty)
+        out.lookup = lookup.LookupStats()
+        gen = lookup.decode(lm, sampler.sampler, tokens, out.cached_prompt_tokens, draft_max=lm.draft_max,
+                            lone_from=lm.lone_from, n_batch=llm.n_batch, stats=out.lookup)
+    else:
+        gen = llm.generate(
+            tokens,
+            temp=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            repeat_penalty=s.repeat_penalty,
+            reset=True,
+        )
     try:
         for tok in gen:
             if t_first is None:
@@ -448,6 +458,8 @@ def generate(lm: LoadedModel, stage: StageSpec, tokens: list[int], seed: int, ou
                 break
     finally:
         gen.close()
+        if sampler is not None:
+            sampler.close()
     rest = collector.finish()
     if rest:
         yield rest

@@ -112,7 +112,7 @@ def test_every_runtime_field_is_read_not_dropped():
     changed = {
         "ctx_size": "1024", "threads": "3", "batch_size": "64", "gpu_layers": "-1", "mmap": "false",
         "seed": "7", "policy": '"sequential"', "budget": '"300MB"', "prefix_cache": "false",
-        "kv_cache_type": '"f32"', "flash_attn": "false", "adapter_residency": '"active"',
+        "kv_cache_type": '"f32"', "flash_attn": "false", "adapter_residency": '"active"', "draft_max": "4",
     }
     assert set(changed) == set(RuntimeSpec.__dataclass_fields__), "a new runtime field needs a case here"
     body = "\n".join(f"{k} = {v}" for k, v in changed.items())
