@@ -17,7 +17,10 @@ Columns:
   whatever prefix the new prompt shares with the previous call, which gives the resident
   per-stage contexts a free prefix cache (each sees the same stage's prompt every time).
   Reset, it evaluates every prompt from scratch, exactly like edge-fslm without its cache;
-* edge-fslm without its prefix cache, and edge-fslm as shipped (prefix cache on).
+* edge-fslm without its prefix cache, and edge-fslm as shipped (prefix cache on);
+* edge-fslm with prompt-lookup decoding (``--draft-max``, 8 by default): its answers must equal
+  the shipped column's, and each stage's guesses verified and accepted are reported
+  (``benchmarks/lookup_decoding.py`` explains why it does not pay on a small x86 CPU).
 
 Targets: edge-fslm without prefix cache ≤ 1.05× the cold ideal (same work); shipped edge-fslm
 against the warm ideal shows what the saved prefixes gain.
@@ -27,7 +30,7 @@ many tokens as edge-fslm did for each stage (``max_tokens`` = that count, plus t
 when the stage stopped on it; no stop strings),
 so every column does the same work except what the runtime saves.
 
-    python benchmarks/stack_latency.py [--prompts 20] [--threads 2] [--stacks fslm-smollm2,...]
+    python benchmarks/stack_latency.py [--prompts 20] [--threads 2] [--stacks fslm-smollm2,...] [--draft-max 8]
 """
 
 from __future__ import annotations
