@@ -45,6 +45,12 @@ def inexact_types(info: GGUFInfo) -> list[str]:
     return sorted({t.ggml_type for t in info.tensors.values()} - EXACT_TYPES)
 
 
+def effective_draft_max(info: GGUFInfo, requested: int) -> int:
+    """The guesses a decode may verify on this model: none where they would not be exact. The
+    pool and the planner both use this, so they agree."""
+    return 0 if inexact_types(info) else requested
+
+
 class NgramIndex:
     """Where each n-gram of a token sequence last ended, kept up to date as tokens arrive."""
 
@@ -80,7 +86,6 @@ class NgramIndex:
 class LookupStats:
     """How lookup decoding went for one generation."""
 
-    steps: int = 0  # decodes after the prompt
     drafted: int = 0  # guessed tokens sent for verification
     accepted: int = 0  # ... that the model produced itself
 
@@ -112,16 +117,15 @@ def decode(lm: Any, sampler: Any, tokens: list[int], n_past: int, *, draft_max: 
         while True:
             yield token
             index.push(token)
+            if pos >= n_ctx:
+                return
             room = min(draft_max, n_ctx - pos - 1, n_batch - 1)  # a decode holds at most n_batch tokens
             if lone_from is not None:
                 room = min(room, lone_from - 1 - pos)
             guesses = index.draft(room) if room > 0 else []
-            if pos >= n_ctx:
-                return
             slots = [batch.add(token, pos, (0,), True)]
             slots += [batch.add(g, pos + 1 + j, (0,), True) for j, g in enumerate(guesses)]
             batch.decode(ctx, "while generating")
-            stats.steps += 1
             stats.drafted += len(guesses)
             for j, slot in enumerate(slots):
                 token = lc.llama_sampler_sample(sampler, ctx, slot)

@@ -78,7 +78,7 @@ class ResidencyUnit:
                          adapters=list(self.adapters.values()), prefix_tokens=self.prefix_tokens,
                          kv_cache_type=rt.kv_cache_type, flash_attn=rt.flash_attn,
                          adapter_residency=adapter_residency,
-                         draft_max=rt.draft_max if not lookup.inexact_types(self.model.info) else 0)
+                         draft_max=lookup.effective_draft_max(self.model.info, rt.draft_max))
 
     def merged(self, other: "ResidencyUnit") -> "ResidencyUnit":
         """The same file used by another stack: loaded once, carrying both stacks' adapters."""

@@ -317,10 +317,9 @@ class ModelPool:
             ) from None
         self.counters.loads += 1
         self.counters.load_seconds += time.perf_counter() - t0
-        # lookup decoding only where its guesses' logits are exact (lookup.EXACT_TYPES)
-        draft_max = 0 if lookup.inexact_types(model.info) else s.draft_max
         return LoadedModel(model=model, llm=llm, prefix_cache_enabled=s.prefix_cache,
-                           keep_adapters=s.adapter_residency != "active", draft_max=draft_max,
+                           keep_adapters=s.adapter_residency != "active",
+                           draft_max=lookup.effective_draft_max(model.info, s.draft_max),
                            lone_from=llama.LONE_FROM if s.flash_attn else None)
 
     def close_parallel(self, keep: LoadedModel | None = None) -> None:
