@@ -63,7 +63,11 @@ KQ_BYTES_PER_CELL_HEAD = 6
 KQ_MASK_BYTES_PER_CELL = 2  # bytes per micro-batch token and KV cell beyond the first micro-batch
 # llama_set_adapters_lora makes llama.cpp rebuild its scheduler and compute buffer (sched_reserve);
 # the first micro-batch after each adapter switch touches fresh pages the plan otherwise misses.
-ADAPTER_SWITCH_BYTES = 2 * MiB  # per adapter a loaded base switches to
+# The default stack at ctx 512 and 2048, 45- to 1,840-token prompts: RSS after each stage past the
+# first grew 1.4-2.9 MiB with one adapter held at a time, and 2.9-4.5 MiB beyond the adapter's own
+# bytes with every adapter kept (each load leaves its own pages too).
+ADAPTER_SWITCH_BYTES = 2 * MiB  # per stage that switches the adapter, past the first
+ADAPTER_LOAD_BYTES = int(1.5 * MiB)  # per adapter kept loaded, beyond its tensors
 # Prompt-lookup decoding (lookup.py) asks for logits at every guessed position, so llama.cpp's
 # output buffer grows from one row of n_vocab floats to 1 + draft_max rows.
 LOGITS_BYTES_PER_VOCAB = 4
@@ -156,15 +160,18 @@ def footprint(model_id: str, info: GGUFInfo, *, ctx_size: int, batch_size: int,
     """``adapter_residency`` "active" holds one adapter at a time: the largest is what it costs.
     ``draft_max`` guesses verified per decode each add a row of logits."""
     adapter_bytes = [a.tensor_bytes for a in adapters or []]
-    # Holding one adapter at a time, llama.cpp reuses the pages the last adapter and the last
-    # scheduler rebuild freed, so only one switch's fresh pages count.
-    switches = len(adapter_bytes) if adapter_residency == "all" else min(len(adapter_bytes), 1)
+    # Each stage after the first leaves a scheduler rebuild's fresh pages behind. Holding one
+    # adapter at a time, a new adapter reuses the pages the last one freed; kept, each adds its own.
+    n = len(adapter_bytes)
+    switching = ADAPTER_SWITCH_BYTES * max(n - 1, min(n, 1))
+    if adapter_residency == "all":
+        switching += ADAPTER_LOAD_BYTES * n
     return Footprint(
         model=model_id,
         weights=info.tensor_bytes,
         kv_cache=kv_cache_bytes(info, ctx_size, effective_kv_type(info, kv_cache_type)),
         compute=compute_bytes(info, batch_size, ctx_size, flash_attn=flash_attn)
-        + ADAPTER_SWITCH_BYTES * switches + draft_max * (info.n_vocab or 0) * LOGITS_BYTES_PER_VOCAB,
+        + switching + draft_max * (info.n_vocab or 0) * LOGITS_BYTES_PER_VOCAB,
         adapters=sum(adapter_bytes) if adapter_residency == "all" else max(adapter_bytes, default=0),
         overhead=MODEL_OVERHEAD + OVERHEAD_PER_VOCAB * (info.n_vocab or 0),
         prefix_cache=kv_cache_bytes(info, min(prefix_tokens, ctx_size), effective_kv_type(info, kv_cache_type)),

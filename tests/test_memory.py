@@ -69,20 +69,26 @@ def test_plan_cli():
     assert r.exit_code == 2 and "error: stack fslm-smollm2 needs at least" in r.output
 
 
-def test_run_respects_tightest_budget():
-    """At the smallest budget the planner accepts, the measured peak stays under it."""
+@pytest.mark.parametrize("prompt", ["Why is the sky blue?", "The quick brown fox jumps over the lazy dog. " * 60])
+def test_run_respects_tightest_budget(prompt):
+    """At the smallest budget the planner accepts, the measured peak stays under it: for a short
+    prompt, and for one that fills the 512-token micro-batch, the worst case the plan predicts.
+    There the plan is within 10% of the peak (a short prompt leaves the micro-batch's compute
+    pages untouched, and the peak varies ~1.5% run to run, so 10% is checked at the worst case)."""
     _, _, _, plan = prepare_stack("fslm-smollm2", ctx_size=512)
     budget = plan.predicted_peak
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_fslm.cli", "run", "Why is the sky blue?", "--json", "--ctx-size", "512",
-         "--budget", str(budget)],
-        capture_output=True, timeout=300,
+        [sys.executable, "-m", "edge_fslm.cli", "run", "-", "--json", "--ctx-size", "512", "-n", "8",
+         "--budget", str(budget), "--truncate"],
+        input=prompt.encode(), capture_output=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     d = json.loads(proc.stdout)
     assert d["peak_rss_bytes"] <= budget
     assert d["predicted_peak_rss_bytes"] >= d["peak_rss_bytes"]
-    assert d["predicted_peak_rss_bytes"] <= d["peak_rss_bytes"] * 1.10  # within 10%
+    if len(prompt) > 100:
+        assert d["stages"][0]["prompt_tokens"] > 480
+        assert d["predicted_peak_rss_bytes"] <= d["peak_rss_bytes"] * 1.10  # within 10%
 
 
 def test_without_flash_attention_the_plan_counts_the_kq_matrix():
@@ -110,6 +116,7 @@ def test_a_prompt_that_fills_the_context_stays_within_the_plan(tmp_path, flash_a
     d = json.loads(proc.stdout)
     assert d["stages"][0]["prompt_tokens"] > 1500
     assert d["predicted_peak_rss_bytes"] >= d["peak_rss_bytes"]
+    assert d["predicted_peak_rss_bytes"] <= d["peak_rss_bytes"] * 1.10  # the worst case is not padded
 
 
 def test_shared_base_swaps_adapters(tmp_path, smollm2_path, adapters):
