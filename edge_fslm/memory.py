@@ -163,7 +163,7 @@ def footprint(model_id: str, info: GGUFInfo, *, ctx_size: int, batch_size: int,
     # Each stage after the first leaves a scheduler rebuild's fresh pages behind. Holding one
     # adapter at a time, a new adapter reuses the pages the last one freed; kept, each adds its own.
     n = len(adapter_bytes)
-    switching = ADAPTER_SWITCH_BYTES * max(n - 1, min(n, 1))
+    switching = ADAPTER_SWITCH_BYTES * (max(n - 1, 1) if n else 0)
     if adapter_residency == "all":
         switching += ADAPTER_LOAD_BYTES * n
     return Footprint(
