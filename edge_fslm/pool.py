@@ -143,6 +143,30 @@ def malloc_trim() -> None:
             pass
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value
+_heap_fixed = False
+
+
+def fix_mmap_threshold() -> None:
+    """Keep glibc serving large blocks (adapters, token buffers) by mmap, so freeing them returns the pages.
+
+    By default glibc raises its mmap threshold each time a large mmapped block is freed; after
+    the first adapter swap, later multi-megabyte buffers come from the heap, and the holes they
+    leave when freed are not given back, so a long run's RSS creeps upward with every swap
+    (benchmarks/README.md, the "heap growth" row). Setting the threshold once turns that adjustment
+    off. A user's own ``MALLOC_MMAP_THRESHOLD_`` wins; other C libraries are left alone.
+    """
+    global _heap_fixed
+    if _heap_fixed or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    _heap_fixed = True
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class LoadedModel:
     """One resident ``Llama`` plus the adapters loaded onto its model."""
@@ -251,6 +275,7 @@ class ModelPool:
     """
 
     def __init__(self, settings: LoadSettings, *, max_resident: int | None = None):
+        fix_mmap_threshold()
         self.settings = settings
         self.max_resident = max_resident
         self.counters = PoolCounters()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 
@@ -58,6 +59,39 @@ def test_impossible_budget_fails_before_loading():
     assert msg.startswith("stack fslm-smollm2 needs at least ")
     assert "(policy: shared-base, ctx 2048); budget is 128 MB — lower ctx_size" in msg
     assert current_rss() - before < 20 * MB  # nothing was loaded
+
+
+HEAP_PROBE = """
+import ctypes, os, sys
+import numpy as np
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "pool":
+    from edge_fslm.pool import ModelPool, LoadSettings
+    ModelPool(LoadSettings())
+big = np.ones(8 << 20, dtype=np.uint8)  # freed: glibc would now raise its mmap threshold past 8 MiB
+del big
+block = np.ones(4 << 20, dtype=np.uint8)
+print(libc.mallinfo2().hblkhd >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mmap threshold")
+@pytest.mark.parametrize("who, mmapped_mib", [("bare", 0), ("pool", 4)])
+def test_a_pool_keeps_large_blocks_mmapped_after_a_free(who, mmapped_mib):
+    """Freeing a large block raises glibc's mmap threshold, so later large blocks (adapters, logits
+    copies) come from the heap and their holes stay in RSS. Once a ModelPool exists, a 4 MiB block
+    after a freed 8 MiB one is still mmapped (returned whole when freed)."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    proc = subprocess.run([sys.executable, "-c", HEAP_PROBE, who], capture_output=True, text=True, env=env,
+                          timeout=120)
+    if "mallinfo2" in proc.stderr:
+        pytest.skip("this C library has no mallinfo2")
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == mmapped_mib
 
 
 def test_plan_cli():
