@@ -211,6 +211,21 @@ class Batch:
         if rc != 0:
             raise EdgeFSLMError(f"llama_decode failed with code {rc} {hint}")
 
+    def decode_from(self, ctx: Any, tokens: Sequence[int], start: int, seq: int, chunk: int, hint: str, *,
+                    logits_last: bool = True) -> int:
+        """Decode ``tokens[start:]`` into sequence ``seq`` at their own positions, ``chunk`` tokens a call.
+
+        Callers pass the chunk where ``Llama.eval`` splits a prompt, so a prompt's rest gets the
+        logits of the plain path. Only the last token asks for logits (``logits_last``); its
+        batch index is returned, -1 when nothing was decoded.
+        """
+        idx = -1
+        for first in range(start, len(tokens), chunk):
+            for p in range(first, min(first + chunk, len(tokens))):
+                idx = self.add(tokens[p], p, (seq,), logits_last and p == len(tokens) - 1)
+            self.decode(ctx, hint)
+        return idx
+
     def close(self) -> None:
         if self.b is not None:
             self.lc.llama_batch_free(self.b)

@@ -106,12 +106,7 @@ def decode(lm: Any, sampler: Any, tokens: list[int], n_past: int, *, draft_max: 
     lc.llama_memory_seq_rm(mem, 0, n_past, -1)
     index = NgramIndex(tokens)
     with llama.Batch(n_batch) as batch:
-        idx = 0
-        for start in range(n_past, len(tokens), n_batch):
-            end = min(start + n_batch, len(tokens))
-            for p in range(start, end):
-                idx = batch.add(tokens[p], p, (0,), p == end - 1)
-            batch.decode(ctx, "while evaluating the prompt")
+        idx = batch.decode_from(ctx, tokens, n_past, 0, n_batch, "while evaluating the prompt")
         token = lc.llama_sampler_sample(sampler, ctx, idx)
         pos = len(tokens)  # where ``token`` goes
         while True:

@@ -159,10 +159,7 @@ class ParallelContext:
             counters.parallel_prefix_reuses += 1
             return
         lc.llama_memory_clear(mem, False)
-        for start in range(0, len(tokens), chunk):
-            for p in range(start, min(start + chunk, len(tokens))):
-                batch.add(tokens[p], p, (keep,), False)
-            batch.decode(self.ctx, PARALLEL_HINT)
+        batch.decode_from(self.ctx, tokens, 0, keep, chunk, PARALLEL_HINT, logits_last=False)
         counters.parallel_prefix_evals += 1
         buf, written = llama.save_sequence(self.ctx, keep)
         if written:
@@ -234,13 +231,7 @@ def generate_group(
         lc.llama_memory_seq_rm(mem, seq, -1, -1)
         if prefix:
             lc.llama_memory_seq_cp(mem, keep, seq, -1, -1)
-        toks = token_lists[k]
-        for start in range(prefix, len(toks), chunk):
-            end = min(start + chunk, len(toks))
-            for p in range(start, end):
-                idx = batch.add(toks[p], p, (seq,), p == len(toks) - 1)
-            batch.decode(pctx.ctx, PARALLEL_HINT)
-        sample(slot, idx)
+        sample(slot, batch.decode_from(pctx.ctx, token_lists[k], prefix, seq, chunk, PARALLEL_HINT))
         slot.t_first = time.perf_counter()
 
     def retire(seq: int) -> None:
