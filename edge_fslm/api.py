@@ -28,6 +28,7 @@ from .plan import (  # noqa: F401  (the planning steps were public here first)
     ResidencyUnit, make_plan, prepare_stack, residency_units, resolve_adapters, resolve_models,
 )
 from .pool import LoadSettings, ModelPool, ResolvedAdapter, ResolvedModel, default_threads  # noqa: F401
+from .probe import probe_model, probing_enabled
 from .rss import RssSampler
 
 
@@ -127,6 +128,7 @@ class Stack:
         measure_rss: bool = True,
         preload: bool = True,
         pool: ModelPool | None = None,
+        probe: bool | None = None,
     ) -> "Stack":
         """Load a built-in stack by name, a manifest file, or a stack folder.
 
@@ -137,6 +139,11 @@ class Stack:
 
         ``pool`` shares an existing pool's loaded models with other stacks (the server
         does this): its settings and residency apply, and closing this stack leaves it open.
+
+        Files from outside the installed packages are first loaded in a child process
+        (:mod:`edge_fslm.probe`), once per file and machine, so a file that makes llama.cpp
+        abort is refused instead of ending this process; ``probe=False`` (or
+        ``EDGE_FSLM_PROBE=0``) skips that.
         """
         manifest, models, adapters, plan = prepare_stack(
             stack, budget=budget, policy=policy, offline=offline, strict=strict, ctx_size=ctx_size, threads=threads,
@@ -144,7 +151,7 @@ class Stack:
             draft_max=draft_max, adapter_residency=adapter_residency, max_tokens=max_tokens, temperature=temperature,
         )
         return cls.from_prepared(manifest, models, adapters, plan, verbose=verbose, measure_rss=measure_rss,
-                                 preload=preload, pool=pool)
+                                 preload=preload, pool=pool, probe=probe)
 
     @classmethod
     def from_prepared(
@@ -158,12 +165,17 @@ class Stack:
         measure_rss: bool = True,
         preload: bool = True,
         pool: ModelPool | None = None,
+        probe: bool | None = None,
     ) -> "Stack":
         """A Stack from what :func:`prepare_stack` returned, without resolving its files again
         (the server prepares every stack at start and loads each on its first request)."""
         require_fit(plan)
         settings = replace(LoadSettings.from_runtime(manifest.runtime, verbose=verbose),
                            adapter_residency=plan.adapter_residency)
+        if probing_enabled(probe):
+            for mid, model in models.items():
+                on_it = [adapters[st.name].path for st in manifest.stages if st.model == mid and st.name in adapters]
+                probe_model(model.path, list(dict.fromkeys(on_it)), flash_attn=settings.flash_attn)
         owns_pool = pool is None
         if pool is None:
             pool = ModelPool(settings, max_resident=plan.max_resident)
