@@ -31,9 +31,12 @@ the cells already cached, with '-' where one is missing. The data folder is ``..
 The oracle is the slowest row (the 1.5B teacher writes three notes a question), so
 ``--oracle-limit N`` runs it on the first N questions of each split only; the other systems
 are then also scored on those same questions, from their cached cells, in a table of its own.
+``--shard N`` computes each ARC cell N questions at a time, each cached under
+``fslm_quality/shards/``, so the oracle's hours on all questions can stop and resume.
 
     python benchmarks/fslm_quality.py [--arc-limit N] [--arc-challenge-limit N] [--instruct-limit 100] [--threads 2]
     python benchmarks/fslm_quality.py --systems oracle --tasks arc-easy,arc-challenge --oracle-limit 200
+    python benchmarks/fslm_quality.py --systems oracle --tasks arc-easy --shard 50
 """
 
 from __future__ import annotations
@@ -152,7 +155,9 @@ def answer_only_manifest() -> Path:
 
 
 def cell(system: str, task: str, data: Path, args: argparse.Namespace, extra: list[str], *,
-         cached_only: bool) -> dict | None:
+         cached_only: bool, shard: int | None = None) -> dict | None:
+    """One system's report on one task, cached; with ``shard``, an ARC cell is computed ``shard``
+    questions at a time, each cached, so a run of hours resumes where it stopped."""
     n = extra[extra.index("--limit") + 1] if "--limit" in extra else "all"
     out = CELLS / f"{system}-{task}-{n}.json"  # the limit is in the name: a cell is reused only for the same rows
     if out.is_file() and not args.fresh:
@@ -160,6 +165,46 @@ def cell(system: str, task: str, data: Path, args: argparse.Namespace, extra: li
     if cached_only:
         return None
     CELLS.mkdir(parents=True, exist_ok=True)
+    if shard and task != "alpaca":
+        return sharded_cell(system, task, data, args, extra, shard, out)
+    return run_cell(system, task, data, args, extra, out)
+
+
+def sharded_cell(system: str, task: str, data: Path, args: argparse.Namespace, extra: list[str], shard: int,
+                 out: Path) -> dict:
+    """The cell for the first ``--limit`` questions of ``data``, from cached cells of ``shard`` questions each:
+    records in question order, acc recomputed over all of them, peak RSS and load time the largest shard's."""
+    import numpy as np
+
+    lines = [ln for ln in data.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if "--limit" in extra:
+        lines = lines[: int(extra[extra.index("--limit") + 1])]
+    parts = []
+    for i in range(0, len(lines), shard):
+        piece = ROOT / "build" / "fslm_quality" / "shards" / f"{task}-{i}-{i + shard}.jsonl"
+        piece.parent.mkdir(parents=True, exist_ok=True)
+        piece.write_text("\n".join(lines[i : i + shard]) + "\n", encoding="utf-8")
+        part = CELLS / "shards" / f"{system}-{task}-{i}-{i + shard}.json"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        parts.append(json.loads(part.read_text()) if part.is_file() and not args.fresh
+                     else run_cell(system, f"{task} {i}..{i + len(lines[i : i + shard])}", piece, args, [], part))
+    records = [r for p in parts for r in p["records"]]
+    right = [float(r["predicted"] == r["gold"]) for r in records]
+    right_norm = [float(r["predicted_norm"] == r["gold"]) for r in records]
+    doc = {**parts[0], "data": str(data), "n": len(records),
+           "acc": float(np.mean(right)), "acc_norm": float(np.mean(right_norm)),
+           "acc_stderr": float(np.std(right, ddof=1) / len(right) ** 0.5),
+           "acc_norm_stderr": float(np.std(right_norm, ddof=1) / len(right_norm) ** 0.5),
+           "mean_seconds": float(np.mean([r["seconds"] for r in records])),
+           "load_seconds": max(p["load_seconds"] for p in parts),
+           "peak_rss_bytes": max(p["peak_rss_bytes"] for p in parts),
+           "shards": len(parts), "records": records}
+    out.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    return doc
+
+
+def run_cell(system: str, task: str, data: Path, args: argparse.Namespace, extra: list[str], out: Path) -> dict:
+    """Run ``edge-fslm eval`` for one cell in its own process (so its peak RSS is the cell's own)."""
     kind = "instruct" if task == "alpaca" else "arc"
     cmd = [sys.executable, "-m", "edge_fslm.cli", "eval", kind, *SYSTEMS[system], "--data", str(data),
            "-o", str(out), "--json", *extra]
@@ -186,6 +231,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="arc-easy,arc-challenge,alpaca", help="the columns to compute")
     ap.add_argument("--oracle-limit", type=int,
                     help="the oracle row on the first N questions (and rows) of each task only")
+    ap.add_argument("--shard", type=int, metavar="N",
+                    help="compute each ARC cell N questions at a time, each cached: a run of hours can resume")
     ap.add_argument("--fresh", action="store_true", help="recompute cached cells")
     ap.add_argument("--cached-only", action="store_true",
                     help="compute nothing: the table from the cells already cached, '-' where one is missing")
@@ -216,7 +263,8 @@ def main() -> None:
             rows_from = extra
             if s == "oracle" and args.oracle_limit:
                 rows_from = ["--limit", str(min([args.oracle_limit] + [int(n) for n in extra[1:2]]))]
-            results[s][t] = cell(s, t, path, args, rows_from, cached_only=args.cached_only or t not in computed)
+            results[s][t] = cell(s, t, path, args, rows_from, cached_only=args.cached_only or t not in computed,
+                                 shard=args.shard)
 
     def row(s: str) -> dict:
         r = results[s]
