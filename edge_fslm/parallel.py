@@ -183,6 +183,7 @@ def generate_group(
     chunk: int,
     on_done: Callable[[int, Generation], None] | None = None,
     counters: PoolCounters | None = None,
+    on_piece: Callable[[int, str], None] | None = None,
 ) -> list[Generation]:
     """Run one stage for every prompt in ``token_lists``, up to ``pctx.n_seq - 1`` at a time.
 
@@ -199,6 +200,10 @@ def generate_group(
     multi-stream batch into ubatches with equal tokens per sequence, which moves each
     prompt's split points and so its logits.
 
+    ``on_piece(index, text)``, when given, hears each prompt's text as it is decoded, in the
+    pieces the sequential path yields (the same :class:`~edge_fslm.stage.TokenCollector`
+    holds back split UTF-8 and possible stop strings), so a server can stream a grouped
+    request token by token; it only listens, so the tokens are the same with or without it.
     ``on_done(index, generation)`` is called as each prompt finishes. A Generation's
     seconds are its own span, from entering a slot to its last token, shared with the
     prompts it ran beside.
@@ -238,7 +243,9 @@ def generate_group(
         slot = slots.pop(seq)
         slot.sampler.close()
         c, g = slot.collector, outs[slot.k]
-        c.finish()
+        rest = c.finish()
+        if rest and on_piece:
+            on_piece(slot.k, rest)
         g.text, g.stop_reason, g.completion_tokens = c.output, c.stop_reason, c.n
         end = time.perf_counter()
         g.prompt_seconds = slot.t_first - slot.t0
@@ -249,7 +256,9 @@ def generate_group(
     def took(seq: int) -> None:
         """The slot sampled a token: keep it, or finish the prompt and free the slot."""
         slot = slots[seq]
-        slot.collector.feed(slot.token)  # batch mode keeps only the final text, not the pieces
+        piece = slot.collector.feed(slot.token)
+        if piece and on_piece:
+            on_piece(slot.k, piece)
         if slot.collector.done:
             retire(seq)
 

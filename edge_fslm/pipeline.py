@@ -9,6 +9,7 @@ generator that yields the final stage's text as it is produced and *returns* the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -180,15 +181,18 @@ class Pipeline:
         return _trace(stage, gen, adapter, time.perf_counter() - t0, self.pool.counters.since(c0))
 
     def finish_stage(
-        self, i: int, values: dict[str, str], *, truncate: bool = False, final: FinalStageSettings | None = None
+        self, i: int, values: dict[str, str], *, truncate: bool = False, final: FinalStageSettings | None = None,
+        on_piece: Callable[[str], None] | None = None,
     ) -> StageTrace:
-        """Run stage ``i`` to the end without streaming, for callers that only need its trace."""
+        """Run stage ``i`` to the end and return its trace; ``on_piece`` hears its text as generated."""
         steps = self.run_stage(i, values, truncate=truncate, final=final)
         while True:
             try:
-                next(steps)
+                piece = next(steps)
             except StopIteration as done:
                 return done.value
+            if on_piece:
+                on_piece(piece)
 
     def finish_stage_group(
         self,
@@ -201,6 +205,7 @@ class Pipeline:
         on_trace: Callable[[int, StageTrace], None] | None = None,
         on_error: Callable[[int, PromptError], None] | None = None,
         final: FinalStageSettings | None = None,
+        on_piece: Callable[[int, str], None] | None = None,
     ) -> list[StageTrace]:
         """Run stage ``i`` for every prompt's ``values`` in ``group``, ``width`` decoded together.
 
@@ -211,7 +216,9 @@ class Pipeline:
         time. Greedy answers can differ slightly from one-at-a-time runs (see parallel.py).
         With ``on_error(index, error)``, a prompt that cannot run (too long for the context)
         is reported and skipped instead of failing the whole group. ``final`` applies to every
-        prompt of the group, as in :meth:`run_stage`.
+        prompt of the group, as in :meth:`run_stage`. ``on_piece(index, text)`` hears each
+        prompt's text as it is generated, in the pieces :meth:`run_stage` yields, whichever way
+        the group runs (the server streams grouped requests with it).
         """
         from .memory import compute_bytes, effective_kv_type, kv_cache_bytes
         from .parallel import ParallelContext, chunk_size, generate_group, seq_cells
@@ -225,8 +232,9 @@ class Pipeline:
             for j, v in enumerate(group):
                 if j in skip:
                     continue
+                heard = None if on_piece is None else functools.partial(on_piece, j)
                 try:
-                    traces.append(self.finish_stage(i, v, truncate=truncate, final=final))
+                    traces.append(self.finish_stage(i, v, truncate=truncate, final=final, on_piece=heard))
                 except PromptError as exc:
                     if on_error is None:
                         raise
@@ -309,7 +317,8 @@ class Pipeline:
             if part:
                 generate_group(lm.parallel, stage, [token_lists[j] for j in part], self.pool.settings.seed + i,
                                prefix, chunk_size(self.pool.settings), on_done=lambda k, g, part=part: done(part[k], g),
-                               counters=self.pool.counters)
+                               counters=self.pool.counters,
+                               on_piece=None if on_piece is None else lambda k, t, part=part: on_piece(part[k], t))
         return [t for t in traces if t is not None]
 
     def run_stage_major(
@@ -323,6 +332,7 @@ class Pipeline:
         truncate: bool = False,
         spare_bytes: int | None = None,
         final: FinalStageSettings | None = None,
+        on_piece: Callable[[int, int, str], None] | None = None,
     ) -> None:
         """Every stage for every row of values, stage by stage, ``width`` decoded together.
 
@@ -331,7 +341,8 @@ class Pipeline:
         trace)`` hears it as each row finishes a stage. A row that cannot run (too long for the
         context) goes to ``on_error`` and drops out; the others go on. ``before(row, stage)``,
         when given, is asked first and can drop a row from a stage (already done when resumed,
-        cancelled). ``final`` applies to the last stage only.
+        cancelled). ``final`` applies to the last stage only. ``on_piece(row, stage, text)``, when
+        given, hears each row's text as it is generated.
         """
         failed: set[int] = set()
         last = len(self.manifest.stages) - 1
@@ -348,9 +359,12 @@ class Pipeline:
                 failed.add(todo[j])
                 on_error(todo[j], exc)
 
+            def piece(j: int, text: str, todo=todo, i=i) -> None:
+                on_piece(todo[j], i, text)  # type: ignore[misc]
+
             self.finish_stage_group(i, [rows[k] for k in todo], width=width, truncate=truncate,
                                     spare_bytes=spare_bytes, on_trace=traced, on_error=errored,
-                                    final=final if i == last else None)
+                                    final=final if i == last else None, on_piece=piece if on_piece else None)
 
     def execute(
         self,

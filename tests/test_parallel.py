@@ -110,6 +110,24 @@ def test_slots_report_each_prompt_and_fit_the_budget():
     assert [t.output for t in together] == [t.output for t in alone]
 
 
+def test_grouped_pieces_are_the_sequential_pieces():
+    """``on_piece`` hears each prompt's text as it is decoded, in the pieces a one-at-a-time run
+    yields (the server streams grouped requests with it), and listening changes no output."""
+    values = [{"input": p} for p in PROMPTS[:4]]
+    with Stack.load("fslm-smollm2", max_tokens=16, preload=False) as stack:
+        pipe = stack.pipeline
+        heard: dict[int, list[str]] = {j: [] for j in range(len(values))}
+        together = pipe.finish_stage_group(0, values, width=4, on_piece=lambda j, t: heard[j].append(t))
+        quiet = pipe.finish_stage_group(0, values, width=4)
+        pipe.pool.close_parallel()
+        fallback: dict[int, list[str]] = {j: [] for j in range(len(values))}  # no room: one at a time
+        pipe.finish_stage_group(0, values, width=4, spare_bytes=0, on_piece=lambda j, t: fallback[j].append(t))
+        alone = [list(pipe.run_stage(0, v)) for v in values]  # the lone path's pieces
+    assert [t.output for t in together] == [t.output for t in quiet] == ["".join(a) for a in alone]
+    assert list(heard.values()) == list(fallback.values()) == alone
+    assert all(len(a) > 1 for a in alone)
+
+
 def test_bad_parallel(tmp_path):
     inp = write_inputs(tmp_path / "in.jsonl", PROMPTS[:1])
     with Stack.load("fslm-smollm2", preload=False) as stack:

@@ -277,6 +277,86 @@ def test_parallel_groups_reuse_one_context_and_its_prefixes(quick, tmp_path):
         assert srv.terminate() == 0, srv.output()
 
 
+def test_grouped_streams_arrive_token_by_token_and_equal_sequential_answers(quick, tmp_path):
+    """A streaming request decoded in a --parallel group gets each stage's text as its tokens are
+    decoded, not once the stage ends for the group, and the streamed text is the sequential answer.
+    A member whose client hangs up mid-stage is dropped from the group; the others go on."""
+    srv = start_server(["--stack", str(quick), "--parallel", "4", "--preload"], tmp_path / "server.log")
+    try:
+        prompts = [PROMPTS[i] for i in (0, 1, 3)]  # answers of several tokens
+        leaver = PROMPTS[5]  # the longest keywords stage: time to hang up before it ends
+        ask = {"model": "quick", "max_tokens": 24}
+        sequential = {}
+        for p in prompts:  # one at a time: each runs alone, as a lone request
+            r = chat(srv, {**ask, "messages": [{"role": "user", "content": p}]}).json()
+            assert "parallel_group" not in r["fslm"]
+            sequential[p] = r
+        assert all(r["fslm"]["stages"][-1]["completion_tokens"] > 2 for r in sequential.values())
+
+        def event(e: dict, kind: str, stage: str | None = None) -> bool:
+            f = e.get("fslm", {})
+            return f.get("event") == kind and stage in (None, f["stage"])
+
+        def stream(body: dict, out: list, hang_up=lambda out: False) -> None:
+            with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=120) as r:
+                assert r.status_code == 200, r.read()
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        out.append(json.loads(line[6:]))
+                        if hang_up(out):
+                            return
+
+        # a long lone request keeps the worker busy until all four have queued, so they form one group
+        blocker, release = [], threading.Event()
+        long = {"model": "quick", "messages": [{"role": "user", "content": "Write a very long story."}],
+                "max_tokens": 400, "stream": True}
+        events: dict[str, list[dict]] = {p: [] for p in [*prompts, leaver]}
+        with ThreadPoolExecutor(5) as pool:
+            held = pool.submit(stream, long, blocker, lambda out: release.is_set())
+            while not blocker:
+                time.sleep(0.02)
+            streams = [pool.submit(stream, {**ask, "messages": [{"role": "user", "content": p}], "stream": True,
+                                            "fslm_stream_stages": True}, events[p],
+                                   (lambda out: event(out[-1], "stage_delta")) if p == leaver else (lambda out: False))
+                       for p in events]
+            while httpx.get(f"{srv.url}/health").json()["queue"]["waiting"] < len(events):
+                assert not held.done(), "the blocker ended before the group queued"
+                time.sleep(0.02)
+            release.set()
+            held.result()
+            for f in streams:
+                f.result()
+        deadline = time.monotonic() + 30
+        while (health := httpx.get(f"{srv.url}/health").json())["queue"]["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert health["requests"]["grouped"] == len(events) and health["parallel"]["groups"] == 1, health
+        assert health["requests"]["cancelled"] == 2, health  # the blocker, and the leaver at its stage's end
+        for p in prompts:
+            got, want = events[p], sequential[p]
+            assert got[-1]["fslm"]["parallel_group"] == len(events)  # the trace on the last event
+            assert [s["output"] for s in got[-1]["fslm"]["stages"]] == [s["output"] for s in want["fslm"]["stages"]]
+            streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in got if e["choices"])
+            assert streamed == want["choices"][0]["message"]["content"]
+            # the answer's content comes in several chunks, all before its stage_end event
+            start = next(i for i, e in enumerate(got) if event(e, "stage_start", "answer"))
+            end = next(i for i, e in enumerate(got) if event(e, "stage_end", "answer"))
+            content = [e["choices"][0]["delta"].get("content") for e in got[start:end] if e["choices"]]
+            assert len([c for c in content if c]) > 1, (p, content)
+            assert "".join(c for c in content if c) == streamed
+            # every stage's text streams in pieces between its own stage_start and stage_end
+            for stage in want["fslm"]["stages"]:
+                name = stage["name"]
+                i0 = next(i for i, e in enumerate(got) if event(e, "stage_start", name))
+                i1 = next(i for i, e in enumerate(got) if event(e, "stage_end", name))
+                deltas = [i for i, e in enumerate(got) if event(e, "stage_delta", name)]
+                assert all(i0 < i < i1 for i in deltas)
+                assert "".join(got[i]["fslm"]["text"] for i in deltas) == stage["output"]
+                assert len(deltas) > 1 or stage["completion_tokens"] <= 2, (name, deltas)
+    finally:
+        assert srv.terminate() == 0, srv.output()
+
+
 def test_a_full_queue_answers_429_with_retry_after(quick, tmp_path):
     srv = start_server(["--stack", str(quick), "--queue", "1", "--preload"], tmp_path / "server.log")
     try:

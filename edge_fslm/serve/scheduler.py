@@ -8,8 +8,10 @@ Requests wait in a bounded first-come, first-served queue; a full queue is refus
 With ``parallel`` > 1 the worker takes the oldest request plus up to ``parallel`` − 1 others
 waiting for the same stack with the same final-stage settings, and runs them stage-major:
 each stage decodes the whole group in one llama_batch (``Pipeline.finish_stage_group``, the
-same path as ``edge-fslm batch --parallel``). A grouped request gets each stage's text when
-that stage finishes for the group, not token by token.
+same path as ``edge-fslm batch --parallel``). A grouped request still streams token by
+token: each sequence's new text goes to its own job as soon as it is decoded (``on_piece``),
+in the same events a lone run posts, so its client sees every stage's tokens arrive as one
+alone would.
 
 The multi-sequence context a group decodes in stays open for the next group, as
 llama-server keeps its slots: reopening it (a KV cache for every slot) and evaluating each
@@ -22,8 +24,9 @@ group runs. Under adapter residency "active" it keeps no adapter between groups,
 request's stage still holds the one adapter the plan counts.
 
 Events go back to the asking coroutine through ``loop.call_soon_threadsafe``. A request whose
-client went away is flagged; its run stops at the next token (alone) or is dropped from its
-group, and the worker moves on.
+client went away is flagged; its run stops at the next token (alone), or in a group it hears
+no more tokens and is dropped from the group when the stage ends (the others' batch stays as
+it was), and the worker moves on.
 """
 
 from __future__ import annotations
@@ -294,15 +297,18 @@ class Scheduler:
                     jobs[k].post("stage_start", stages[i].name)
                     return True
 
+                def on_piece(k: int, i: int, text: str) -> None:
+                    if not jobs[k].cancelled.is_set():  # it leaves the group when the stage ends
+                        jobs[k].post("text", (stages[i].name, text))
+
                 def on_trace(k: int, i: int, trace: StageTrace) -> None:
                     traces[k].append(trace)
-                    jobs[k].post("text", (trace.name, trace.output))
                     jobs[k].post("stage_end", self._stage_end_payload(trace))
 
                 pipeline.run_stage_major(
                     [values.get(k, {}) for k in range(len(jobs))], width=self.parallel, before=before,
                     on_trace=on_trace, on_error=errors.__setitem__, final=jobs[0].final,
-                    spare_bytes=self._spare_bytes())
+                    spare_bytes=self._spare_bytes(), on_piece=on_piece)
                 spent = pipeline.pool.counters.since(counters)
                 pipeline.pool.park_parallel()  # kept open for the next group
         except Exception as exc:  # the whole group failed (a load error, say): every member hears why
