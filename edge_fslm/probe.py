@@ -10,8 +10,10 @@ again). If the child dies, the file is refused with one line naming it and llama
 
 A file that passed is remembered by its identity (path, inode, size, mtime), the llama.cpp
 binding's version and the settings that shape the graph, in ``probed.json`` of edge-fslm's
-cache folder, so each file costs one probe per machine. Files inside site-packages and
-edge-fslm's model cache are trusted (SECURITY.md) and never probed. ``EDGE_FSLM_PROBE=0``
+cache folder, so each file costs one probe per machine. A file that crashed its probe is
+remembered the same way in this process only, and refused again at once until it changes: a
+server asked for a broken stack again and again forks no child per request. Files inside
+site-packages and edge-fslm's model cache are trusted (SECURITY.md) and never probed. ``EDGE_FSLM_PROBE=0``
 or ``Stack.load(..., probe=False)`` turns probing off.
 """
 
@@ -32,6 +34,10 @@ from .errors import GGUFError
 PROBE_TIMEOUT_S = 120  # a child that has not loaded the files by then is refused
 PROBE_CTX = 64
 RECORD_KEEP = 1000  # passed probes remembered; the oldest are forgotten (and probed again if seen)
+
+# Crashed probes of this process: key -> the error. Not written to disk, so a new process (or a
+# new llama.cpp) tries the file again; a timeout, which load on the machine can cause, is not kept.
+_crashed: dict[str, str] = {}
 
 
 def probing_enabled(probe: bool | None) -> bool:
@@ -105,6 +111,8 @@ def probe_model(model: Path, adapters: list[Path], *, flash_attn: bool = True,
     if trusted(model) and all(trusted(a) for a in adapters):
         return False
     key = probe_key(model, adapters, flash_attn=flash_attn)
+    if key in _crashed:
+        raise GGUFError(_crashed[key])
     if key in _passed():
         return False
     job = {"model": str(model), "adapters": [str(a) for a in adapters], "flash_attn": flash_attn}
@@ -121,9 +129,13 @@ def probe_model(model: Path, adapters: list[Path], *, flash_attn: bool = True,
             _remember(key)
         return True
     culprit = _last_file(proc.stdout) or model
-    raise GGUFError(f"{culprit}: llama.cpp crashed loading it ({_how(proc.returncode)}{_reason(proc.stderr)})"
-                    " in a probe process, so nothing else was affected — the file is malformed or made for"
-                    " another llama.cpp version")
+    message = (f"{culprit}: llama.cpp crashed loading it ({_how(proc.returncode)}{_reason(proc.stderr)})"
+               " in a probe process, so nothing else was affected — the file is malformed or made for"
+               " another llama.cpp version")
+    if len(_crashed) >= RECORD_KEEP:
+        _crashed.pop(next(iter(_crashed), None), None)  # the oldest
+    _crashed[key] = message
+    raise GGUFError(message)
 
 
 def _last_file(stdout: str | bytes | None) -> str | None:

@@ -12,6 +12,10 @@
   vocabulary stays text in every stage's prompt, at the token level.
 * ``write_tiny_llama()``: a complete 75 KB llama GGUF that llama.cpp loads and runs, so hostile
   *metadata* (chat templates, hyperparameters) can be tried end to end in milliseconds.
+  With ``n_head=4, n_head_kv=3`` it passes every header check and aborts llama.cpp when its
+  graph is built (the probe's test case, edge_fslm/probe.py).
+* ``write_tied_embedding_lora()``: an adapter that passes every check and aborts llama.cpp at
+  the first decode on a tied-embedding base such as SmolLM2.
 * The corpora: ``model_file_cases()`` and ``manifest_cases()``, each a list of cases that
   build a hostile input in a folder and say what the one-line error must contain.
 
@@ -265,6 +269,36 @@ def write_tiny_llama(path: str | Path, *, arch: str = "llama", chat_template: st
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def write_tied_embedding_lora(base: str | Path, out: str | Path, *, rank: int = 8, seed: int = 0) -> Path:
+    """A LoRA adapter on ``token_embd.weight`` only, shaped as llama.cpp's loader and edge-fslm's
+    validator both want it (A and B flipped for the embedding lookup), that aborts llama.cpp at
+    the first decode on a base with tied embeddings (SmolLM2, ``write_tiny_llama``): the output
+    layer reuses ``token_embd.weight``, so the adapter is applied there too, as an ordinary
+    matmul of lora_a (``rank`` × vocab) by the hidden state, which fails
+    ``GGML_ASSERT(ggml_can_mul_mat(a, b))`` unless ``rank`` equals the embedding width.
+    """
+    import gguf
+
+    from ..gguf_info import read_gguf
+
+    info = read_gguf(base)
+    n_embd, n_vocab = info.tensors["token_embd.weight"].shape  # as gguf-py reports it: (ne0, ne1)
+    if rank == n_embd:
+        raise ValueError(f"rank {rank} equals the embedding width, which does not abort")
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(out), arch=info.architecture)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 16.0)
+    w.add_tensor("token_embd.weight.lora_a", rng.normal(0.0, 0.02, (n_vocab, rank)).astype(np.float16))
+    w.add_tensor("token_embd.weight.lora_b", rng.normal(0.0, 0.02, (n_embd, rank)).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(out)
 
 
 @dataclass
