@@ -1001,6 +1001,7 @@ def validate_adapter(path: str | os.PathLike[str], base: GGUFInfo) -> GGUFInfo:
         raise _error(p, "contains no LoRA tensors", "pass a LoRA adapter GGUF file")
 
     token_embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+    output = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
     for target, ab in pairs.items():
         if "a" not in ab or "b" not in ab:
             have, miss = ("lora_a", "lora_b") if "a" in ab else ("lora_b", "lora_a")
@@ -1018,6 +1019,14 @@ def validate_adapter(path: str | os.PathLike[str], base: GGUFInfo) -> GGUFInfo:
                 raise _error(p, f"LoRA tensor {_show(t.name)} has shape {t.shape} but base tensor "
                                 f"{_show(target)} has shape {bt.shape}; their ranks differ", different)
         rest = bt.shape[2:]
+        if target == token_embd and output not in base.tensors:
+            # A base without output.weight reuses token_embd as its output layer, and llama.cpp
+            # applies the adapter there too, as a plain matmul whose shapes cannot agree: every
+            # such adapter aborts the process (GGML_ASSERT) at the first decode, whatever its rank.
+            raise _error(p, f"has LoRA tensors for {_show(token_embd)}, but {base_desc} ties its output layer "
+                            f"to the token embeddings, where llama.cpp cannot apply them (it would abort)",
+                         "retrain the adapter without the embedding layer (drop embed_tokens from "
+                         "target_modules) and convert it again")
         if target == token_embd:
             # llama.cpp flips A and B for the embedding: A is gathered by token.
             r = a.shape[0]

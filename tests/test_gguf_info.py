@@ -6,6 +6,7 @@ a one-line GGUFError naming the path -- never any other exception.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import itertools
 import json
@@ -612,11 +613,29 @@ def test_good_adapter(tmp_path: Path, real_info: GGUFInfo) -> None:
     assert "alpha 16.0" in info.format_text()
 
 
+def untied(info: GGUFInfo) -> GGUFInfo:
+    """``info`` as if the base had its own output layer (SmolLM2 ties it to token_embd)."""
+    embd = info.tensors["token_embd.weight"]
+    out = dataclasses.replace(embd, name="output.weight")
+    return dataclasses.replace(info, tensors={**info.tensors, "output.weight": out})
+
+
 def test_good_adapter_token_embd(tmp_path: Path, real_info: GGUFInfo) -> None:
     # llama.cpp flips A/B for the embedding: A is (r, n_vocab), B is (r, n_embd).
     tensors = {"token_embd.weight.lora_a": np.zeros((49152, 4), np.float16),
                "token_embd.weight.lora_b": np.zeros((576, 4), np.float16)}
-    validate_adapter(write_adapter(tmp_path / "embd.gguf", tensors), real_info)
+    validate_adapter(write_adapter(tmp_path / "embd.gguf", tensors), untied(real_info))
+
+
+@pytest.mark.parametrize("rank", [4, 576])
+def test_adapter_token_embd_on_a_tied_base(tmp_path: Path, real_info: GGUFInfo, rank: int) -> None:
+    """SmolLM2 has no output.weight: llama.cpp applies a token_embd LoRA to its output layer too,
+    where it aborts (GGML_ASSERT ggml_can_mul_mat) at the first decode, whatever the rank."""
+    assert "output.weight" not in real_info.tensors
+    tensors = {"token_embd.weight.lora_a": np.zeros((49152, rank), np.float16),
+               "token_embd.weight.lora_b": np.zeros((576, rank), np.float16)}
+    _bad_adapter(tmp_path, real_info, "'token_embd.weight'", "ties its output layer", "embed_tokens",
+                 tensors=tensors)
 
 
 def _bad_adapter(tmp_path: Path, real_info: GGUFInfo, *fragments: str, **kwargs: object) -> str:

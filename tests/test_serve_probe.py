@@ -2,8 +2,11 @@
 
 The probe (edge_fslm/probe.py) loads such a file in a child process first, so the abort ends
 the child: a request for that stack is a one-line JSON error (500, ``stack_error``, naming the
-file and the signal), the server and its other stacks go on, and ``--preload`` refuses to start
-with one ``error:`` line and exit 2. Real server processes on 127.0.0.1, the real model.
+file and the signal), the server and its other stacks go on, ``/health`` says which stack failed,
+and ``--preload`` refuses to start with one ``error:`` line and exit 2. An adapter that is known
+to abort (a LoRA on the embeddings of a tied-embedding base) is refused by the header validator
+before the server starts; the probe still catches it where the validator is skipped. Real server
+processes on 127.0.0.1, the real model.
 """
 
 from __future__ import annotations
@@ -120,23 +123,45 @@ def answer(client, model: str = "quick") -> tuple[str, list[str]]:
     return r.choices[0].message.content, [s["output"] for s in r.model_extra["fslm"]["stages"]]
 
 
-def assert_alive_and_healthy(srv, failed: int) -> None:
+def assert_alive_and_degraded(srv, failed: int, stack: str, culprit: Path) -> None:
+    """The server answers /health with a 200, names the stack that cannot load and why."""
     assert srv.proc.poll() is None, srv.output()
     health = httpx.get(f"{srv.url}/health", timeout=30)
     assert health.status_code == 200
     doc = health.json()
-    assert doc["status"] == "ok" and doc["requests"]["failed"] == failed
+    assert doc["status"] == "degraded" and doc["requests"]["failed"] == failed
+    assert list(doc["failed_stacks"]) == [stack] and str(culprit) in doc["failed_stacks"][stack]
+    assert "SIGABRT" in doc["failed_stacks"][stack]
     assert doc["loaded_models"] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]  # the crashing files never got in
 
 
-def test_the_test_files_pass_every_check_before_llama_cpp(stacks):
-    """What makes these cases worth a probe: edge-fslm's own validators let both files through."""
-    base = read_gguf(smollm2())
-    validate_adapter(stacks["bad-adapter"] / "embd.lora.gguf", base)
+def test_the_model_passes_every_check_before_llama_cpp(stacks):
+    """What makes the model case worth a probe: edge-fslm's own validators let it through."""
     from edge_fslm.plan import prepare_stack
 
-    for name in ("bad-model", "bad-adapter"):
-        prepare_stack(str(stacks[name]))  # resolves, hash- and header-checks, plans: no error
+    prepare_stack(str(stacks["bad-model"]))  # resolves, hash- and header-checks, plans: no error
+
+
+def test_the_tied_embedding_adapter_is_refused_before_llama_cpp_sees_it(stacks):
+    from edge_fslm.plan import prepare_stack
+
+    culprit = stacks["bad-adapter"] / "embd.lora.gguf"
+    with pytest.raises(GGUFError, match="ties its output layer") as caught:
+        validate_adapter(culprit, read_gguf(smollm2()))
+    assert str(culprit) in str(caught.value)
+    with pytest.raises(GGUFError, match="ties its output layer"):
+        prepare_stack(str(stacks["bad-adapter"]))
+
+
+def test_the_probe_catches_the_adapter_where_the_validator_is_skipped(stacks, env, monkeypatch):
+    """The same adapter given straight to the probe: the child aborts at the first decode with it."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    culprit = stacks["bad-adapter"] / "embd.lora.gguf"
+    with pytest.raises(GGUFError, match="crashed loading it") as caught:
+        probe.probe_model(smollm2(), [culprit])
+    msg = str(caught.value)
+    assert str(culprit) in msg and "SIGABRT" in msg and "GGML_ASSERT" in msg, msg
 
 
 def test_a_request_for_a_stack_whose_model_aborts_llama_cpp_is_a_500_and_the_server_goes_on(stacks, env, tmp_path):
@@ -163,7 +188,7 @@ def test_a_request_for_a_stack_whose_model_aborts_llama_cpp_is_a_500_and_the_ser
         assert caught.value.status_code == 500 and caught.value.code == "stack_error"
         assert str(culprit) in caught.value.message
 
-        assert_alive_and_healthy(srv, failed=6)
+        assert_alive_and_degraded(srv, 6, "bad-model", culprit)
         assert answer(client) == normal  # the good stack answers as before, on the same loaded model
         assert "Traceback" not in srv.output() and "GGML_ASSERT" not in srv.output()
     finally:
@@ -171,19 +196,18 @@ def test_a_request_for_a_stack_whose_model_aborts_llama_cpp_is_a_500_and_the_ser
     assert rc == 0, srv.output()
 
 
-def test_a_stack_whose_adapter_aborts_llama_cpp_on_the_shared_base_is_a_500_for_each_grouped_request(
-        stacks, env, tmp_path):
-    """The bad stack shares SmolLM2 with the good one; --parallel 2 lets the two bad requests run as a group."""
-    culprit = stacks["bad-adapter"] / "embd.lora.gguf"
-    srv = start_server(["--stack", str(stacks["quick"]), "--stack", str(stacks["bad-adapter"]), "--parallel", "2"],
+def test_a_stack_whose_model_aborts_llama_cpp_is_a_500_for_each_grouped_request(stacks, env, tmp_path):
+    """--parallel 2 lets the two concurrent requests for the bad stack run as a group: each gets the error."""
+    culprit = stacks["bad-model"] / "model.gguf"
+    srv = start_server(["--stack", str(stacks["quick"]), "--stack", str(stacks["bad-model"]), "--parallel", "2"],
                        tmp_path / "log", env=env)
     try:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=120)
         normal = answer(client)
         with ThreadPoolExecutor(2) as pool:
-            refused = list(pool.map(lambda _: ask(srv, "bad-adapter"), range(2)))
+            refused = list(pool.map(lambda _: ask(srv, "bad-model"), range(2)))
         assert len({assert_crash_refusal(r, culprit) for r in refused}) == 1
-        assert_alive_and_healthy(srv, failed=2)
+        assert_alive_and_degraded(srv, 2, "bad-model", culprit)
         assert answer(client) == normal
         assert "Traceback" not in srv.output()
     finally:
@@ -191,11 +215,20 @@ def test_a_stack_whose_adapter_aborts_llama_cpp_on_the_shared_base_is_a_500_for_
     assert rc == 0, srv.output()
 
 
-@pytest.mark.parametrize("bad, culprit", [("bad-model", "model.gguf"), ("bad-adapter", "embd.lora.gguf")])
-def test_preload_with_a_crashing_file_refuses_to_start_with_one_error_line(stacks, env, bad, culprit):
-    proc = serve_cli("--preload", "--stack", str(stacks["quick"]), "--stack", str(stacks[bad]), env=env)
+def test_preload_with_a_crashing_model_refuses_to_start_with_one_error_line(stacks, env):
+    proc = serve_cli("--preload", "--stack", str(stacks["quick"]), "--stack", str(stacks["bad-model"]), env=env)
     assert proc.returncode not in (-6, 134), proc.err  # never an abort of the server itself
-    assert_clean_refusal(proc, str(stacks[bad] / culprit), "SIGABRT", "GGML_ASSERT", "probe process")
+    assert_clean_refusal(proc, str(stacks["bad-model"] / "model.gguf"), "SIGABRT", "GGML_ASSERT", "probe process")
+    assert proc.stdout == b""
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_a_stack_with_the_tied_embedding_adapter_stops_the_server_before_the_port_opens(stacks, env, preload):
+    args = ["--preload"] if preload else []
+    proc = serve_cli(*args, "--stack", str(stacks["quick"]), "--stack", str(stacks["bad-adapter"]), env=env)
+    assert proc.returncode not in (-6, 134), proc.err
+    assert_clean_refusal(proc, str(stacks["bad-adapter"] / "embd.lora.gguf"), "ties its output layer",
+                         "embed_tokens")
     assert proc.stdout == b""
 
 

@@ -124,9 +124,12 @@ class Server:
     async def health(self, request: Request) -> Response:
         s = self.scheduler
         c = self.registry.pool.counters
+        failed = dict(self.registry.failed)
         return JSONResponse({
-            "status": "ok",
+            # "degraded": the server answers, but some stack's last load failed (its requests get a 500)
+            "status": "degraded" if failed else "ok",
             "stacks": self.registry.names,
+            "failed_stacks": failed,
             "loaded_models": [p.rsplit("/", 1)[-1] for p in self.registry.pool.resident],
             "queue": {"waiting": s.waiting, "running": s.running, "size": s.queue_size, "parallel": s.parallel},
             "requests": {"completed": s.stats.completed, "failed": s.stats.failed, "cancelled": s.stats.cancelled,

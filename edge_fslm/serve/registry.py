@@ -46,6 +46,8 @@ class Registry:
     pool: ModelPool
     plan: Plan
     budget: int | None
+    # stack name -> why its last load failed (a probe that crashed, a budget); cleared once it loads
+    failed: dict[str, str] = field(default_factory=dict)
     _load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -96,8 +98,13 @@ class Registry:
         with self._load_lock:
             if served.stack is None:
                 # resolved and planned at start: loading it now touches no file but the weights
-                served.stack = Stack.from_prepared(served.manifest, served.models, served.adapters, served.plan,
-                                                   pool=self.pool, preload=False)
+                try:
+                    served.stack = Stack.from_prepared(served.manifest, served.models, served.adapters, served.plan,
+                                                       pool=self.pool, preload=False)
+                except EdgeFSLMError as exc:
+                    self.failed[name] = str(exc)
+                    raise
+                self.failed.pop(name, None)
             return served.stack
 
     def preload(self) -> None:

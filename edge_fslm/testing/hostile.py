@@ -14,8 +14,9 @@
   *metadata* (chat templates, hyperparameters) can be tried end to end in milliseconds.
   With ``n_head=4, n_head_kv=3`` it passes every header check and aborts llama.cpp when its
   graph is built (the probe's test case, edge_fslm/probe.py).
-* ``write_tied_embedding_lora()``: an adapter that passes every check and aborts llama.cpp at
-  the first decode on a tied-embedding base such as SmolLM2.
+* ``write_tied_embedding_lora()``: an adapter that llama.cpp's loader accepts and that aborts
+  llama.cpp at the first decode on a tied-embedding base such as SmolLM2 (``validate_adapter``
+  refuses it; the probe catches it where the validator is skipped).
 * The corpora: ``model_file_cases()`` and ``manifest_cases()``, each a list of cases that
   build a hostile input in a folder and say what the one-line error must contain.
 
@@ -272,12 +273,12 @@ def write_tiny_llama(path: str | Path, *, arch: str = "llama", chat_template: st
 
 
 def write_tied_embedding_lora(base: str | Path, out: str | Path, *, rank: int = 8, seed: int = 0) -> Path:
-    """A LoRA adapter on ``token_embd.weight`` only, shaped as llama.cpp's loader and edge-fslm's
-    validator both want it (A and B flipped for the embedding lookup), that aborts llama.cpp at
-    the first decode on a base with tied embeddings (SmolLM2, ``write_tiny_llama``): the output
-    layer reuses ``token_embd.weight``, so the adapter is applied there too, as an ordinary
-    matmul of lora_a (``rank`` × vocab) by the hidden state, which fails
-    ``GGML_ASSERT(ggml_can_mul_mat(a, b))`` unless ``rank`` equals the embedding width.
+    """A LoRA adapter on ``token_embd.weight`` only, shaped as llama.cpp's loader wants it (A and B
+    flipped for the embedding lookup), that aborts llama.cpp at the first decode on a base with
+    tied embeddings (SmolLM2, ``write_tiny_llama``): the output layer reuses ``token_embd.weight``,
+    so the adapter is applied there too, as an ordinary matmul of lora_a (``rank`` × vocab) by the
+    hidden state, then lora_b by that, and one of the two fails
+    ``GGML_ASSERT(ggml_can_mul_mat(a, b))`` whatever the rank. ``validate_adapter`` refuses it.
     """
     import gguf
 
@@ -285,8 +286,6 @@ def write_tied_embedding_lora(base: str | Path, out: str | Path, *, rank: int = 
 
     info = read_gguf(base)
     n_embd, n_vocab = info.tensors["token_embd.weight"].shape  # as gguf-py reports it: (ne0, ne1)
-    if rank == n_embd:
-        raise ValueError(f"rank {rank} equals the embedding width, which does not abort")
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(out), arch=info.architecture)
     w.add_type(gguf.GGUFType.ADAPTER)
