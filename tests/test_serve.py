@@ -65,7 +65,7 @@ def chat(server, body: dict, **kw) -> httpx.Response:
 def test_models_lists_every_stack_and_health_answers(server, client):
     assert sorted(m.id for m in client.models.list().data) == ["fslm-smollm2-prompted", "quick"]
     health = httpx.get(f"{server.url}/health").json()
-    assert health["status"] == "ok"
+    assert health["status"] == "ok" and health["failed_stacks"] == {}
     assert health["loaded_models"] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]  # two stacks, one base, loaded once
 
 
