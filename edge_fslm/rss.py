@@ -113,6 +113,36 @@ class RssSampler:
         return self.peak_bytes
 
 
+# ARM's "CPU implementer" 0x41 parts that run edge-fslm's users' boards and servers
+_ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd08": "Cortex-A72",
+              "0xd0b": "Cortex-A76", "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78",
+              "0xd47": "Cortex-A710", "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2"}
+
+
+def cpu_name(cpuinfo: str, machine: str) -> tuple[str, bool]:
+    """The CPU a record was measured on, from /proc/cpuinfo's text, and whether it is emulated.
+
+    x86 kernels name the CPU in ``model name``; ARM kernels give ``CPU implementer``/``CPU part``
+    and, on a Pi, the board in ``Model``. An ARM process under qemu-user reads the *host's*
+    cpuinfo, so an x86 ``model name`` seen by an aarch64 interpreter means emulation: the record
+    must not pass the host's CPU off as the one that ran it.
+    """
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    arm = machine.lower() in ("aarch64", "arm64") or machine.lower().startswith("arm")
+    if arm and "CPU implementer" not in fields and "model name" in fields:
+        return f"emulated {machine} (qemu-user) on {fields['model name']}", True
+    if "CPU implementer" in fields:
+        core = _ARM_PARTS.get(fields.get("CPU part", "").lower(), f"ARM part {fields.get('CPU part', '?')}") \
+            if fields["CPU implementer"].lower() == "0x41" else \
+            f"implementer {fields['CPU implementer']} part {fields.get('CPU part', '?')}"
+        return (f"{fields['Model']} ({core})" if "Model" in fields else core), False
+    return fields.get("model name") or platform.processor() or machine, False
+
+
 def machine_info() -> dict:
     """The machine a measurement was taken on: CPU, cores, RAM, versions, llama.cpp's build."""
     try:
@@ -121,12 +151,12 @@ def machine_info() -> dict:
         system_info = _system_info()
     except Exception as exc:  # a record should be written even without llama.cpp
         system_info = f"unavailable ({exc})"
-    cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpuinfo = f.read()
     except OSError:
-        pass
+        cpuinfo = ""
+    cpu, emulated = cpu_name(cpuinfo, platform.machine())
     versions = {}
     for dist in ("edge-fslm", "llama-cpp-python", "gguf", "numpy", "psutil"):
         try:
@@ -135,6 +165,7 @@ def machine_info() -> dict:
             versions[dist] = None
     return {
         "cpu": cpu,
+        "emulated": emulated,
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(),
         "ram_bytes": psutil.virtual_memory().total,

@@ -83,3 +83,17 @@ def test_a_missing_cpuinfo_is_not_an_error(tmp_path):
     r = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "absent"), "x86_64"], capture_output=True, text=True,
                        timeout=30)
     assert (r.returncode, r.stdout) == (0, "")
+
+
+@pytest.mark.parametrize("cpuinfo, machine, want, emulated", [
+    (PI4, "aarch64", "Raspberry Pi 4 Model B Rev 1.4 (Cortex-A72)", False),
+    (PI5, "aarch64", "Raspberry Pi 5 Model B Rev 1.0 (Cortex-A76)", False),
+    (PI5.replace("Model\t\t: Raspberry Pi 5 Model B Rev 1.0\n", ""), "aarch64", "Cortex-A76", False),
+    (X86, "x86_64", "Intel(R) Xeon(R) Platinum 8480+", False),
+    (X86, "aarch64", "emulated aarch64 (qemu-user) on Intel(R) Xeon(R) Platinum 8480+", True),
+])
+def test_benchmark_records_name_the_cpu_that_ran_them(cpuinfo, machine, want, emulated):
+    """machine_info's cpu field: under qemu-user the host's model name must not pass as the CPU."""
+    from edge_fslm.rss import cpu_name
+
+    assert cpu_name(cpuinfo, machine) == (want, emulated)
