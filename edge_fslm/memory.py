@@ -140,6 +140,14 @@ def kv_cache_bytes(info: GGUFInfo, ctx_size: int, kv_cache_type: str = "f16") ->
     return int(ctx_size * n_layer * (k + v) * KV_BYTES_PER_ELEMENT[kv_cache_type])
 
 
+def attention_masks(info: GGUFInfo) -> int:
+    """How many attention masks as wide as the context a micro-batch fills: a model with
+    sliding-window layers (Gemma 3's ``<arch>.attention.sliding_window``) gets two KV caches in
+    llama.cpp (``llama_kv_cache_iswa``), one for its sliding-window layers and one for the rest,
+    and a mask for each."""
+    return 2 if info.metadata.get(f"{info.architecture}.attention.sliding_window") else 1
+
+
 def compute_bytes(info: GGUFInfo, batch_size: int, ctx_size: int, *, flash_attn: bool = True,
                   attn_cells: int | None = None) -> int:
     """Compute memory a full micro-batch touches, with the attention mask as wide as the whole
@@ -147,7 +155,7 @@ def compute_bytes(info: GGUFInfo, batch_size: int, ctx_size: int, *, flash_attn:
     visible KV cell (``attn_cells``, by default the whole context) and head."""
     ubatch = min(batch_size, ctx_size)
     out = ubatch * ((info.n_embd or 0) + (info.n_ff or 0)) * COMPUTE_PER_UBATCH_DIM
-    out += ubatch * (ctx_size - ubatch) * KQ_MASK_BYTES_PER_CELL
+    out += attention_masks(info) * ubatch * (ctx_size - ubatch) * KQ_MASK_BYTES_PER_CELL
     if not flash_attn:
         out += ubatch * min(attn_cells or ctx_size, ctx_size) * (info.n_head or 0) * KQ_BYTES_PER_CELL_HEAD
     return out
