@@ -13,6 +13,7 @@ nothing) belongs to that scenario alone. Baselines are measured in the same run:
 * naive, one after another: load, run, close, four times.
 
     python benchmarks/memory.py [--budget-runs 50] [--cycles 200]
+    python benchmarks/memory.py --only-estimator   # the estimator rows again; the other sections kept
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import gemma_path, run_child, smollm2_path, table, write_result
+from common import RESULTS, gemma_path, run_child, smollm2_path, table, write_result
 
 PROMPT = "Why is the sky blue? Explain it briefly."
 # The planner predicts the peak for any prompt: a full micro-batch of compute and an attention
@@ -166,10 +167,34 @@ def leak_cycles(smol: Path, gemma: Path, cycles: int) -> dict:
     return {"cycles": cycles, "evictions": pool.counters.evictions, "rss_growth_bytes": end - start}
 
 
+def budget_and_leaks(shared: Path, smol: Path, gemma: Path, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Sections 3 and 4: 50 CLI runs at the tightest budget the planner accepts, and load/evict leaks."""
+    # 3. the budget holds at the tightest budget the planner accepts
+    # the smallest budget `edge-fslm run` accepts is what `edge-fslm plan` predicts in a CLI process
+    plan = subprocess.run([sys.executable, "-m", "edge_fslm.cli", "plan", "--stack", str(shared), "--json"],
+                          capture_output=True, text=True, check=True)
+    tight = json.loads(plan.stdout)["predicted_peak_bytes"]
+    # A run process's own baseline can differ from the plan process's by a few hundred KB
+    # of RSS noise; the tightest budget *run* accepts is found by stepping up 1 MB at a time.
+    # Accepted means accepted five times in a row; the budget runs below count any refusal.
+    for _ in range(20):
+        probes = [subprocess.run([sys.executable, "-m", "edge_fslm.cli", "plan", "--stack", str(shared),
+                                  "--budget", str(tight)], capture_output=True).returncode for _ in range(5)]
+        if not any(probes):
+            break
+        tight += 500_000
+    held = budget_runs(shared, 2048, tight, args.budget_runs)
+
+    # 4. leaks
+    return held, leak_cycles(smol, gemma, args.cycles)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-runs", type=int, default=50)
     ap.add_argument("--cycles", type=int, default=200)
+    ap.add_argument("--only-estimator", action="store_true",
+                    help="rerun the estimator rows only; keep the other sections of results/memory.json")
     args = ap.parse_args()
     from edge_fslm.testing import write_random_lora
     from edge_fslm.gguf_info import read_gguf
@@ -177,6 +202,13 @@ def main() -> None:
     smol, gemma = smollm2_path(), gemma_path()
     MB = 1e6
     results: dict = {}
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    sections = ("policies_vs_single_stage", "estimator", "budget_held", "leaks")
+    dates = dict.fromkeys(sections, now)
+    if args.only_estimator:
+        prev = json.loads((RESULTS / "memory.json").read_text())
+        dates = {**{k: prev["date"] for k in sections}, **prev.get("section_dates", {}), "estimator": now}
+        results = {k: prev[k] for k in sections if k != "estimator"}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         base = read_gguf(smol)
@@ -187,7 +219,7 @@ def main() -> None:
         mixed = mixed_file(folder, smol, gemma)
 
         # 1. shared base against the naive ways, at ctx 2048
-        peaks = {
+        peaks = {} if args.only_estimator else {
             "single stage (bare base)": run_child(CHILD_STACK, str(single), "2048", "auto", PROMPT)["peak"],
             "bare Llama, 4 stage prompts": run_child(CHILD_NAIVE, str(smol), "one", PROMPT)["peak"],
             "shared base + 4 adapters": run_child(CHILD_STACK, str(shared), "2048", "auto", PROMPT)["peak"],
@@ -200,10 +232,11 @@ def main() -> None:
             "naive: 4 Llama held at once": run_child(CHILD_NAIVE, str(smol), "held", PROMPT)["peak"],
             "naive: 4 Llama one after another": run_child(CHILD_NAIVE, str(smol), "sequential", PROMPT)["peak"],
         }
-        ref = peaks["single stage (bare base)"]
-        print(table([[k, f"{v / MB:.1f}", f"{v / ref:.2f}×"] for k, v in peaks.items()],
-                    ["four-stage stack on SmolLM2, ctx 2048", "peak RSS MB", "vs single stage"]))
-        results["policies_vs_single_stage"] = {k: {"peak_bytes": v, "ratio": v / ref} for k, v in peaks.items()}
+        if peaks:
+            ref = peaks["single stage (bare base)"]
+            print(table([[k, f"{v / MB:.1f}", f"{v / ref:.2f}×"] for k, v in peaks.items()],
+                        ["four-stage stack on SmolLM2, ctx 2048", "peak RSS MB", "vs single stage"]))
+            results["policies_vs_single_stage"] = {k: {"peak_bytes": v, "ratio": v / ref} for k, v in peaks.items()}
 
         # 2. estimator accuracy: every policy at three ctx sizes. The error is against the request
         # it predicts (every stage's prompt filling the context); the short prompt's peak shows the
@@ -212,7 +245,7 @@ def main() -> None:
         for label, manifest, policy in [("shared-base", shared, "auto"), ("all", mixed, "all"),
                                         ("sequential", mixed, "sequential")]:
             for ctx in (512, 2048, 8192):
-                full = run_child(CHILD_STACK, str(manifest), str(ctx), policy, FILL, "", FILL_TEXT)
+                full = run_child(CHILD_STACK, str(manifest), str(ctx), policy, FILL, "", FILL_TEXT, timeout=1800)
                 short = run_child(CHILD_STACK, str(manifest), str(ctx), policy, PROMPT)
                 err = (full["predicted"] - full["peak"]) / full["peak"]
                 slack = (short["predicted"] - short["peak"]) / short["peak"]
@@ -226,25 +259,11 @@ def main() -> None:
         print(table(rows, ["policy", "ctx", "predicted MB", "full-context MB", "error", "short prompt MB", "slack"]))
         results["estimator"] = acc
 
-        # 3. the budget holds at the tightest budget the planner accepts
-        # the smallest budget `edge-fslm run` accepts is what `edge-fslm plan` predicts in a CLI process
-        plan = subprocess.run([sys.executable, "-m", "edge_fslm.cli", "plan", "--stack", str(shared), "--json"],
-                              capture_output=True, text=True, check=True)
-        tight = json.loads(plan.stdout)["predicted_peak_bytes"]
-        # A run process's own baseline can differ from the plan process's by a few hundred KB
-        # of RSS noise; the tightest budget *run* accepts is found by stepping up 1 MB at a time.
-        # Accepted means accepted five times in a row; the budget runs below count any refusal.
-        for _ in range(20):
-            probes = [subprocess.run([sys.executable, "-m", "edge_fslm.cli", "plan", "--stack", str(shared),
-                                      "--budget", str(tight)], capture_output=True).returncode for _ in range(5)]
-            if not any(probes):
-                break
-            tight += 500_000
-        held = budget_runs(shared, 2048, tight, args.budget_runs)
-        results["budget_held"] = held
-
-        # 4. leaks
-        results["leaks"] = leak_cycles(smol, gemma, args.cycles)
+        if args.only_estimator:
+            held = results["budget_held"]
+        else:
+            held, results["leaks"] = budget_and_leaks(shared, smol, gemma, args)
+            results["budget_held"] = held
 
     worst_err = max(abs(a["relative_error"]) for a in acc)
     under = sum(a["relative_error"] < 0 or a["short_prompt_slack"] < 0 for a in acc)
@@ -274,6 +293,7 @@ def main() -> None:
         "pass": shared_ratio <= 1.15 and worst_err <= 0.10 and under == 0 and held["runs_over_budget"] == 0
         and results["leaks"]["rss_growth_bytes"] < 5e6,
     }
+    results["section_dates"] = dates
     write_result("memory", results)
 
 
