@@ -168,7 +168,8 @@ def leak_cycles(smol: Path, gemma: Path, cycles: int) -> dict:
 
 
 def budget_and_leaks(shared: Path, smol: Path, gemma: Path, args: argparse.Namespace) -> tuple[dict, dict]:
-    """Sections 3 and 4: 50 CLI runs at the tightest budget the planner accepts, and load/evict leaks."""
+    """Sections 3 and 4: ``--budget-runs`` CLI runs at the tightest budget the planner accepts, and
+    ``--cycles`` load/evict cycles."""
     # 3. the budget holds at the tightest budget the planner accepts
     # the smallest budget `edge-fslm run` accepts is what `edge-fslm plan` predicts in a CLI process
     plan = subprocess.run([sys.executable, "-m", "edge_fslm.cli", "plan", "--stack", str(shared), "--json"],

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SMOLLM2, paired_sign_test, smollm2_path, table, write_result
-from fslm_quality import ANSWER_ONLY
+from common import SMOLLM2, smollm2_path, table, write_result
+from fslm_quality import ANSWER_ONLY, paired
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = ROOT / "edge_fslm" / "stacks" / "fslm-smollm2" / "answer.gguf"
@@ -80,8 +80,8 @@ def main() -> None:
         summary[label] = {"file_size": d["file_size"]}
         for system in ("single", "answer"):
             recs, ref = d[system]["records"], base[system]["records"]
-            wins, losses, z = paired_sign_test([r["predicted"] == r["gold"] for r in recs],
-                                               [r["predicted"] == r["gold"] for r in ref])
+            pair = paired(recs, ref)  # by question id, as fslm_quality pairs its rows
+            wins, losses, z = pair["wins"], pair["losses"], pair["z"]
             summary[label][system] = {"acc": d[system]["acc"], "acc_norm": d[system]["acc_norm"],
                                       "acc_vs_shipped": d[system]["acc"] - base[system]["acc"],
                                       "wins": wins, "losses": losses, "z": z,

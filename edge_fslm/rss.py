@@ -136,9 +136,11 @@ def cpu_name(cpuinfo: str, machine: str) -> tuple[str, bool]:
     if arm and "CPU implementer" not in fields and "model name" in fields:
         return f"emulated {machine} (qemu-user) on {fields['model name']}", True
     if "CPU implementer" in fields:
-        core = _ARM_PARTS.get(fields.get("CPU part", "").lower(), f"ARM part {fields.get('CPU part', '?')}") \
-            if fields["CPU implementer"].lower() == "0x41" else \
-            f"implementer {fields['CPU implementer']} part {fields.get('CPU part', '?')}"
+        implementer, part = fields["CPU implementer"].lower(), fields.get("CPU part", "?").lower()
+        if implementer == "0x41":  # Arm Ltd.
+            core = _ARM_PARTS.get(part, f"ARM part {part}")
+        else:
+            core = f"implementer {implementer} part {part}"
         return (f"{fields['Model']} ({core})" if "Model" in fields else core), False
     return fields.get("model name") or platform.processor() or machine, False
 

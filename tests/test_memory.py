@@ -140,20 +140,24 @@ def test_without_flash_attention_the_plan_counts_the_kq_matrix():
     assert f_off.weights == f_on.weights and f_off.kv_cache == f_on.kv_cache
 
 
+def assert_long_prompt_within_plan(tmp_path, repeats: int, min_tokens: int, *args: str) -> None:
+    """``edge-fslm run - ARGS`` on ``repeats`` sentences: its first stage read more than
+    ``min_tokens`` tokens, and its peak RSS is under the plan and within 10% of it."""
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * repeats)
+    proc = subprocess.run([sys.executable, "-m", "edge_fslm.cli", "run", "-", "--json", *args],
+                          stdin=prompt.open("rb"), capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    d = json.loads(proc.stdout)
+    assert d["stages"][0]["prompt_tokens"] > min_tokens
+    assert d["predicted_peak_rss_bytes"] >= d["peak_rss_bytes"]
+    assert d["predicted_peak_rss_bytes"] <= d["peak_rss_bytes"] * 1.10  # the worst case is not padded
+
+
 @pytest.mark.parametrize("flash_attn", ["on", "off"])
 def test_a_prompt_that_fills_the_context_stays_within_the_plan(tmp_path, flash_attn):
     """The worst case the budget promises: a prompt that fills whole micro-batches up to the context."""
-    prompt = tmp_path / "long.txt"
-    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 180)  # about 1,800 tokens
-    proc = subprocess.run(
-        [sys.executable, "-m", "edge_fslm.cli", "run", "-", "--json", "--flash-attn", flash_attn, "-n", "2"],
-        stdin=prompt.open("rb"), capture_output=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
-    d = json.loads(proc.stdout)
-    assert d["stages"][0]["prompt_tokens"] > 1500
-    assert d["predicted_peak_rss_bytes"] >= d["peak_rss_bytes"]
-    assert d["predicted_peak_rss_bytes"] <= d["peak_rss_bytes"] * 1.10  # the worst case is not padded
+    assert_long_prompt_within_plan(tmp_path, 180, 1500, "--flash-attn", flash_attn, "-n", "2")  # ~1,800 tokens
 
 
 GEMMA_ONE_STAGE = """[stack]
@@ -175,19 +179,9 @@ def test_a_prompt_that_fills_the_context_of_a_sliding_window_model_stays_within_
     from edge_fslm.memory import attention_masks
 
     assert attention_masks(read_gguf(gemma_path)) == 2
-    stack = tmp_path / "gemma.toml"
-    stack.write_text(GEMMA_ONE_STAGE.format(source=gemma_path), encoding="utf-8")
-    prompt = tmp_path / "long.txt"
-    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 400)  # cut to the context
-    proc = subprocess.run(
-        [sys.executable, "-m", "edge_fslm.cli", "run", "-", "--stack", str(stack), "--json", "--truncate",
-         "--ctx-size", "2048"], stdin=prompt.open("rb"), capture_output=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
-    d = json.loads(proc.stdout)
-    assert d["stages"][0]["prompt_tokens"] > 2000
-    assert d["predicted_peak_rss_bytes"] >= d["peak_rss_bytes"]
-    assert d["predicted_peak_rss_bytes"] <= d["peak_rss_bytes"] * 1.10
+    stack = write_manifest(tmp_path, GEMMA_ONE_STAGE.format(source=gemma_path), "gemma.toml")
+    assert_long_prompt_within_plan(tmp_path, 400, 2000, "--stack", str(stack), "--truncate",  # cut to the context
+                                   "--ctx-size", "2048")
 
 
 def test_shared_base_swaps_adapters(tmp_path, smollm2_path, adapters):
