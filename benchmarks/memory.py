@@ -207,6 +207,8 @@ def main() -> None:
     sections = ("policies_vs_single_stage", "estimator", "budget_held", "leaks")
     dates = dict.fromkeys(sections, now)
     if args.only_estimator:
+        if not (RESULTS / "memory.json").is_file():
+            raise SystemExit(f"{RESULTS / 'memory.json'}: no earlier run to keep — run memory.py once without --only-estimator")
         prev = json.loads((RESULTS / "memory.json").read_text())
         dates = {**{k: prev["date"] for k in sections}, **prev.get("section_dates", {}), "estimator": now}
         results = {k: prev[k] for k in sections if k != "estimator"}
