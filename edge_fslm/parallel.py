@@ -184,6 +184,7 @@ def generate_group(
     on_done: Callable[[int, Generation], None] | None = None,
     counters: PoolCounters | None = None,
     on_piece: Callable[[int, str], None] | None = None,
+    dropped: Callable[[int], bool] | None = None,
 ) -> list[Generation]:
     """Run one stage for every prompt in ``token_lists``, up to ``pctx.n_seq - 1`` at a time.
 
@@ -207,6 +208,12 @@ def generate_group(
     ``on_done(index, generation)`` is called as each prompt finishes. A Generation's
     seconds are its own span, from entering a slot to its last token, shared with the
     prompts it ran beside.
+
+    ``dropped(index)``, when given, is asked before every step: a prompt it names (a server
+    request whose client went away) leaves its slot at once, without ``on_done``, and its
+    Generation keeps what it had with ``stop_reason`` "cancelled". Its KV stream is cleared and
+    the slot goes to the next prompt, so a hang-up costs the group no further decode. Wherever
+    grouped answers equal one-at-a-time ones (above), the others' tokens do not change.
     """
     lc = llama.lib()
     lm = pctx.lm
@@ -253,6 +260,22 @@ def generate_group(
         if on_done:
             on_done(slot.k, g)
 
+    def drop(seq: int) -> None:
+        """Free the slot of a prompt nobody waits for any more; no on_done, no last piece."""
+        slot = slots.pop(seq)
+        slot.sampler.close()
+        lc.llama_memory_seq_rm(mem, seq, -1, -1)
+        g = outs[slot.k]
+        g.text, g.stop_reason, g.completion_tokens = slot.collector.output, "cancelled", slot.collector.n
+        if counters is not None:
+            counters.parallel_drops += 1
+
+    def gone(k: int) -> bool:
+        if dropped is not None and dropped(k):
+            outs[k].stop_reason = "cancelled"
+            return True
+        return False
+
     def took(seq: int) -> None:
         """The slot sampled a token: keep it, or finish the prompt and free the slot."""
         slot = slots[seq]
@@ -280,9 +303,14 @@ def generate_group(
         while True:
             # refill every free slot before the next step: llama.cpp splits a step whose sequence
             # ids are not consecutive into several ubatches, which costs nearly a decode each
+            for seq in [q for q in slots if gone(slots[q].k)]:
+                drop(seq)
             for seq in range(width):
                 while seq not in slots and queue:
-                    admit(seq, queue.pop())
+                    k = queue.pop()
+                    if gone(k):
+                        continue
+                    admit(seq, k)
                     took(seq)
             if not slots:
                 break

@@ -182,9 +182,12 @@ class Pipeline:
 
     def finish_stage(
         self, i: int, values: dict[str, str], *, truncate: bool = False, final: FinalStageSettings | None = None,
-        on_piece: Callable[[str], None] | None = None,
-    ) -> StageTrace:
-        """Run stage ``i`` to the end and return its trace; ``on_piece`` hears its text as generated."""
+        on_piece: Callable[[str], None] | None = None, dropped: Callable[[], bool] | None = None,
+    ) -> StageTrace | None:
+        """Run stage ``i`` to the end and return its trace; ``on_piece`` hears its text as generated.
+
+        ``dropped()``, asked after every piece, stops the stage there (None: nobody waits for it).
+        """
         steps = self.run_stage(i, values, truncate=truncate, final=final)
         while True:
             try:
@@ -193,6 +196,9 @@ class Pipeline:
                 return done.value
             if on_piece:
                 on_piece(piece)
+            if dropped is not None and dropped():
+                steps.close()
+                return None
 
     def finish_stage_group(
         self,
@@ -206,6 +212,7 @@ class Pipeline:
         on_error: Callable[[int, PromptError], None] | None = None,
         final: FinalStageSettings | None = None,
         on_piece: Callable[[int, str], None] | None = None,
+        dropped: Callable[[int], bool] | None = None,
     ) -> list[StageTrace]:
         """Run stage ``i`` for every prompt's ``values`` in ``group``, ``width`` decoded together.
 
@@ -218,7 +225,9 @@ class Pipeline:
         is reported and skipped instead of failing the whole group. ``final`` applies to every
         prompt of the group, as in :meth:`run_stage`. ``on_piece(index, text)`` hears each
         prompt's text as it is generated, in the pieces :meth:`run_stage` yields, whichever way
-        the group runs (the server streams grouped requests with it).
+        the group runs (the server streams grouped requests with it). ``dropped(index)``, asked
+        before every decode step, names prompts nobody waits for any more (a server request
+        whose client hung up): each leaves its slot at once and gets no trace.
         """
         from .memory import compute_bytes, effective_kv_type, kv_cache_bytes
         from .parallel import ParallelContext, chunk_size, generate_group, seq_cells
@@ -230,18 +239,22 @@ class Pipeline:
         def one_by_one(skip: Collection[int] = ()) -> list[StageTrace]:
             traces = []
             for j, v in enumerate(group):
-                if j in skip:
+                if j in skip or (dropped is not None and dropped(j)):
                     continue
                 heard = None if on_piece is None else functools.partial(on_piece, j)
+                gone = None if dropped is None else functools.partial(dropped, j)
                 try:
-                    traces.append(self.finish_stage(i, v, truncate=truncate, final=final, on_piece=heard))
+                    trace = self.finish_stage(i, v, truncate=truncate, final=final, on_piece=heard, dropped=gone)
                 except PromptError as exc:
                     if on_error is None:
                         raise
                     on_error(j, exc)
                     continue
+                if trace is None:
+                    continue
+                traces.append(trace)
                 if on_trace:
-                    on_trace(j, traces[-1])
+                    on_trace(j, trace)
             return traces
 
         if min(width, len(group)) < 2 or stage.sampling.temperature > 0:
@@ -318,7 +331,8 @@ class Pipeline:
                 generate_group(lm.parallel, stage, [token_lists[j] for j in part], self.pool.settings.seed + i,
                                prefix, chunk_size(self.pool.settings), on_done=lambda k, g, part=part: done(part[k], g),
                                counters=self.pool.counters,
-                               on_piece=None if on_piece is None else lambda k, t, part=part: on_piece(part[k], t))
+                               on_piece=None if on_piece is None else lambda k, t, part=part: on_piece(part[k], t),
+                               dropped=None if dropped is None else lambda k, part=part: dropped(part[k]))
         return [t for t in traces if t is not None]
 
     def run_stage_major(
@@ -333,6 +347,7 @@ class Pipeline:
         spare_bytes: int | None = None,
         final: FinalStageSettings | None = None,
         on_piece: Callable[[int, int, str], None] | None = None,
+        dropped: Callable[[int], bool] | None = None,
     ) -> None:
         """Every stage for every row of values, stage by stage, ``width`` decoded together.
 
@@ -342,12 +357,15 @@ class Pipeline:
         context) goes to ``on_error`` and drops out; the others go on. ``before(row, stage)``,
         when given, is asked first and can drop a row from a stage (already done when resumed,
         cancelled). ``final`` applies to the last stage only. ``on_piece(row, stage, text)``, when
-        given, hears each row's text as it is generated.
+        given, hears each row's text as it is generated. ``dropped(row)``, asked before every
+        decode step, takes a row out mid-stage (its slot freed at once, no trace) and out of
+        every later stage.
         """
         failed: set[int] = set()
         last = len(self.manifest.stages) - 1
         for i in range(last + 1):
-            todo = [k for k in range(len(rows)) if k not in failed and (before is None or before(k, i))]
+            todo = [k for k in range(len(rows)) if k not in failed and (before is None or before(k, i))
+                    and not (dropped is not None and dropped(k))]
             if not todo:
                 continue
 
@@ -364,7 +382,8 @@ class Pipeline:
 
             self.finish_stage_group(i, [rows[k] for k in todo], width=width, truncate=truncate,
                                     spare_bytes=spare_bytes, on_trace=traced, on_error=errored,
-                                    final=final if i == last else None, on_piece=piece if on_piece else None)
+                                    final=final if i == last else None, on_piece=piece if on_piece else None,
+                                    dropped=None if dropped is None else lambda j, todo=todo: dropped(todo[j]))
 
     def execute(
         self,

@@ -124,6 +124,7 @@ class PoolCounters:
     parallel_opens: int = 0  # multi-sequence contexts created (parallel.py)
     parallel_prefix_evals: int = 0  # shared prefixes evaluated in one
     parallel_prefix_reuses: int = 0  # ... and kept or restored from a saved state instead
+    parallel_drops: int = 0  # sequences that left their slot mid-stage (their client went away)
     load_seconds: float = 0.0
     swap_seconds: float = 0.0
 

@@ -128,6 +128,38 @@ def test_grouped_pieces_are_the_sequential_pieces():
     assert all(len(a) > 1 for a in alone)
 
 
+def test_a_dropped_prompt_leaves_its_slot_at_once_and_the_others_keep_their_answers():
+    """A grouped prompt nobody waits for any more (a server request whose client hung up) stops at
+    the next step with no trace, its slot goes to the next prompt, and every other answer is the
+    one it gets without the drop; the one-at-a-time fallback stops it at its next piece."""
+    values = [{"input": p} for p in PROMPTS[:5]]
+    with Stack.load("fslm-smollm2", max_tokens=24, preload=False) as stack:
+        pipe = stack.pipeline
+        alone = [list(pipe.run_stage(0, v)) for v in values]
+        assert len(alone[0]) > 4  # long enough to be cut short
+
+        def run(spare_bytes=None):
+            heard: dict[int, list[str]] = {j: [] for j in range(len(values))}
+            traced: dict[int, str] = {}
+
+            def dropped(j: int) -> bool:  # prompt 0 hangs up after two pieces; prompt 3 before it starts
+                return (j == 0 and len(heard[0]) >= 2) or j == 3
+
+            before = pipe.pool.counters.snapshot()
+            pipe.finish_stage_group(0, values, width=2, spare_bytes=spare_bytes, dropped=dropped,
+                                    on_piece=lambda j, t: heard[j].append(t),
+                                    on_trace=lambda j, t: traced.__setitem__(j, t.output))
+            return heard, traced, pipe.pool.counters.since(before).parallel_drops
+
+        for spare in (None, 0):  # grouped, then no room for a group: one at a time
+            heard, traced, drops = run(spare)
+            assert sorted(traced) == [1, 2, 4], spare
+            assert all(traced[j] == "".join(alone[j]) and heard[j] == alone[j] for j in traced), spare
+            assert heard[0] == alone[0][:2] and heard[3] == [], spare  # nothing after the hang-up
+            assert drops == (1 if spare is None else 0), spare  # only a slot in a group is a drop
+        pipe.pool.close_parallel()
+
+
 def test_bad_parallel(tmp_path):
     inp = write_inputs(tmp_path / "in.jsonl", PROMPTS[:1])
     with Stack.load("fslm-smollm2", preload=False) as stack:

@@ -138,7 +138,9 @@ class Server:
             # stage's shared prefix was evaluated in it or reused (kept or restored) instead
             "parallel": {"groups": s.stats.groups, "contexts_open": s.parallel_contexts,
                          "context_opens": c.parallel_opens, "prefix_evals": c.parallel_prefix_evals,
-                         "prefix_reuses": c.parallel_prefix_reuses},
+                         "prefix_reuses": c.parallel_prefix_reuses,
+                         # grouped requests whose client went away: their sequence left its slot mid-stage
+                         "dropped": c.parallel_drops},
             "rss_bytes": current_rss(),
             "budget_bytes": self.registry.budget,
         })

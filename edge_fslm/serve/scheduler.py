@@ -24,9 +24,10 @@ group runs. Under adapter residency "active" it keeps no adapter between groups,
 request's stage still holds the one adapter the plan counts.
 
 Events go back to the asking coroutine through ``loop.call_soon_threadsafe``. A request whose
-client went away is flagged; its run stops at the next token (alone), or in a group it hears
-no more tokens and is dropped from the group when the stage ends (the others' batch stays as
-it was), and the worker moves on.
+client went away is flagged; its run stops at the next token (alone), or in a group its
+sequence leaves its slot before the next decode step (``generate_group``'s ``dropped``: its KV
+stream is cleared and the slot goes to the next prompt of the stage), and it runs no later
+stage. The others' tokens do not change, and the worker moves on.
 """
 
 from __future__ import annotations
@@ -298,7 +299,7 @@ class Scheduler:
                     return True
 
                 def on_piece(k: int, i: int, text: str) -> None:
-                    if not jobs[k].cancelled.is_set():  # it leaves the group when the stage ends
+                    if not jobs[k].cancelled.is_set():
                         jobs[k].post("text", (stages[i].name, text))
 
                 def on_trace(k: int, i: int, trace: StageTrace) -> None:
@@ -308,7 +309,8 @@ class Scheduler:
                 pipeline.run_stage_major(
                     [values.get(k, {}) for k in range(len(jobs))], width=self.parallel, before=before,
                     on_trace=on_trace, on_error=errors.__setitem__, final=jobs[0].final,
-                    spare_bytes=self._spare_bytes(), on_piece=on_piece)
+                    spare_bytes=self._spare_bytes(), on_piece=on_piece,
+                    dropped=lambda k: jobs[k].cancelled.is_set())  # a hang-up frees its slot at the next step
                 spent = pipeline.pool.counters.since(counters)
                 pipeline.pool.park_parallel()  # kept open for the next group
         except Exception as exc:  # the whole group failed (a load error, say): every member hears why
@@ -323,6 +325,8 @@ class Scheduler:
         seconds = time.perf_counter() - t0
         peak = sampler.stop()
         for k, job in enumerate(jobs):
+            if k not in errors and len(traces[k]) < len(stages):  # dropped mid-stage
+                errors[k] = Cancelled()
             if k in errors:
                 self._finish(job, None, errors[k])
                 continue
