@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import RESULTS, gemma_path, run_child, smollm2_path, table, write_result
+from common import RESULTS, gemma_path, machine, run_child, smollm2_path, table, write_result
 
 PROMPT = "Why is the sky blue? Explain it briefly."
 # The planner predicts the peak for any prompt: a full micro-batch of compute and an attention
@@ -206,11 +206,14 @@ def main() -> None:
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sections = ("policies_vs_single_stage", "estimator", "budget_held", "leaks")
     dates = dict.fromkeys(sections, now)
+    cpu = machine()["cpu"]
+    cpus = dict.fromkeys(sections, cpu)  # a rerun of one section may be on another machine
     if args.only_estimator:
         if not (RESULTS / "memory.json").is_file():
             raise SystemExit(f"{RESULTS / 'memory.json'}: no earlier run to keep — run memory.py once without --only-estimator")
         prev = json.loads((RESULTS / "memory.json").read_text())
         dates = {**{k: prev["date"] for k in sections}, **prev.get("section_dates", {}), "estimator": now}
+        cpus = {**{k: prev["machine"]["cpu"] for k in sections}, **prev.get("section_cpus", {}), "estimator": cpu}
         results = {k: prev[k] for k in sections if k != "estimator"}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -297,6 +300,7 @@ def main() -> None:
         and results["leaks"]["rss_growth_bytes"] < 5e6,
     }
     results["section_dates"] = dates
+    results["section_cpus"] = cpus
     write_result("memory", results)
 
 

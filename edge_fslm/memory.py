@@ -68,6 +68,19 @@ KQ_MASK_BYTES_PER_CELL = 2  # bytes per micro-batch token and KV cell beyond the
 # bytes with every adapter kept (each load leaves its own pages too).
 ADAPTER_SWITCH_BYTES = 2 * MiB  # per stage that switches the adapter, past the first
 ADAPTER_LOAD_BYTES = int(1.5 * MiB)  # per adapter kept loaded, beyond its tensors
+# A base model evicted to make room for the next (policies "sequential" and "lru") leaves pages
+# behind: llama.cpp's code its kernels touched (file-backed, another quant type's kernels are other
+# pages) and anonymous mappings llama.cpp does not give back. SmolLM2-135M Q4_1 run with a
+# context-filling prompt, then evicted before Gemma 3 270M Q4_K_M, x86-64 with AVX-512: RSS after
+# the eviction stood 4.8 / 5.1 / 6.0 MiB above RSS before its load at ctx 512 / 2048 / 8192
+# (2.6 MiB of it code pages), and Gemma's load then took 3.7 MiB more than in a fresh process
+# while its run took 2.1 less: 7.6 MiB in all at ctx 8192. 200 load/evict cycles add nothing
+# more, so it is once per model; 9 MiB leaves room for the run-to-run spread (about 0.5 MiB).
+EVICTED_MODEL_BYTES = 9 * MiB  # per base model that can run and be evicted before the peak
+# A prompt that fills the context lives in the process as Python token lists (the rendered
+# prompt's, the cut one's, llama-cpp-python's input ids) beside the model's own buffers: Gemma 3
+# at ctx 8192 peaked 0.4 MiB over its footprint, with the plan's baseline measured before them.
+PROMPT_BYTES_PER_TOKEN = 96  # per context cell
 # Prompt-lookup decoding (lookup.py) asks for logits at every guessed position, so llama.cpp's
 # output buffer grows from one row of n_vocab floats to 1 + draft_max rows.
 LOGITS_BYTES_PER_VOCAB = 4
@@ -217,6 +230,7 @@ class Plan:
     minimum: tuple[str, int]  # the cheapest policy and its predicted peak
     alternatives: dict[str, int] = field(default_factory=dict)  # policy -> predicted peak
     adapter_residency: str = "all"  # "all" adapters stay loaded, or only the "active" one
+    process_extra: int = 0  # beyond the models and the baseline: the prompt, evicted models' leftovers
 
     def to_dict(self) -> dict:
         return {
@@ -227,6 +241,7 @@ class Plan:
             "ctx_size": self.ctx_size,
             "batch_size": self.batch_size,
             "baseline_bytes": self.baseline,
+            "process_extra_bytes": self.process_extra,
             "models": {k: v.to_dict() for k, v in self.footprints.items()},
             "stages": [asdict(s) for s in self.stages],
             "budget_bytes": self.budget,
@@ -250,6 +265,7 @@ class Plan:
                 f"{fmt_bytes(f.overhead):>10}{fmt_bytes(f.adapters):>10}{fmt_bytes(f.prefix_cache):>10}{fmt_bytes(f.total):>10}"
             )
         lines.append(f"  {'process baseline (interpreter, imports)':<68}{fmt_bytes(self.baseline):>16}")
+        lines.append(f"  {'prompt tokens, pages evicted models leave':<68}{fmt_bytes(self.process_extra):>16}")
         lines.append("")
         for name, peak in self.alternatives.items():
             shown = name.replace(":", " keeps ")
@@ -283,14 +299,17 @@ def plan_residency(
     """
     sizes = sorted((f.total for f in units.values()), reverse=True)
     n = len(sizes)
-    peaks: dict[str, int] = {}
+    prompt = PROMPT_BYTES_PER_TOKEN * ctx_size
+    extra: dict[str, int] = {}  # beyond the models: the prompt, and what evicted models leave
     if shared and n == 1:
-        peaks["shared-base"] = baseline + sizes[0]
+        extra["shared-base"] = prompt
     else:
-        peaks["all"] = baseline + sum(sizes)
+        extra["all"] = prompt
         for k in range(n - 1, 1, -1):
-            peaks[f"lru:{k}"] = baseline + sum(sizes[:k])
-        peaks["sequential"] = baseline + sizes[0]
+            extra[f"lru:{k}"] = prompt + (n - k) * EVICTED_MODEL_BYTES
+        extra["sequential"] = prompt + (n - 1) * EVICTED_MODEL_BYTES
+    resident = {"shared-base": 1, "all": n, "sequential": 1}
+    peaks = {k: baseline + sum(sizes[:resident.get(k) or int(k.split(":")[1])]) + e for k, e in extra.items()}
     cheapest = min(peaks.items(), key=lambda kv: kv[1])
 
     def resident_of(name: str) -> int | None:
@@ -322,6 +341,7 @@ def plan_residency(
         ctx_size=ctx_size,
         batch_size=batch_size,
         baseline=baseline,
+        process_extra=extra[chosen],
         footprints=units,
         stages=stages,
         budget=budget,

@@ -29,6 +29,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable
 
+from .chunks import cache_dir  # at import, not at the first probe: its imports belong in a plan's baseline
 from .errors import GGUFError
 
 PROBE_TIMEOUT_S = 120  # a child that has not loaded the files by then is refused
@@ -48,8 +49,6 @@ def probing_enabled(probe: bool | None) -> bool:
 
 
 def _trusted_roots() -> list[Path]:
-    from .chunks import cache_dir
-
     paths = sysconfig.get_paths()
     roots = {paths.get("purelib"), paths.get("platlib"), str(Path(__file__).resolve().parent)}
     roots.add(str(cache_dir() / "models"))
@@ -76,8 +75,6 @@ def probe_key(model: Path, adapters: Iterable[Path], *, flash_attn: bool) -> str
 
 
 def _record_path() -> Path:
-    from .chunks import cache_dir
-
     return cache_dir() / "probed.json"
 
 

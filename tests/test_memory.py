@@ -184,6 +184,21 @@ def test_a_prompt_that_fills_the_context_of_a_sliding_window_model_stays_within_
                                    "--ctx-size", "2048")
 
 
+def test_one_model_at_a_time_counts_what_the_evicted_model_leaves(tmp_path, smollm2_path, gemma_path):
+    """Under "sequential" a model evicted before the next one leaves pages behind (llama.cpp's code
+    its kernels touched, mappings it keeps): SmolLM2 then Gemma 3, each stage's prompt cut to fill
+    ctx 8192, peaked 1.3% over a plan without that term (about 90 s here). Its peak stays under
+    the plan, within 10%."""
+    from edge_fslm.memory import EVICTED_MODEL_BYTES
+    from edge_fslm.testing import write_two_model_stack
+
+    stack = write_two_model_stack(tmp_path, smollm2_path, gemma_path, keywords_tokens=2, answer_tokens=2)
+    with Stack.load(stack, ctx_size=8192, policy="sequential", preload=False) as st:
+        assert st.plan.policy == "sequential" and st.plan.process_extra >= EVICTED_MODEL_BYTES
+    assert_long_prompt_within_plan(tmp_path, 1600, 8000, "--stack", str(stack), "--policy", "sequential",
+                                   "--truncate", "--ctx-size", "8192")
+
+
 def test_shared_base_swaps_adapters(tmp_path, smollm2_path, adapters):
     m = adapted_manifest(tmp_path, smollm2_path, adapters)
     with Stack.load(m, preload=False) as stack:
