@@ -173,7 +173,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each command")
     b = sub.add_parser("baseline", help="add the no-model baseline RSS to a probe made without it")
     b.add_argument("--into", type=Path, required=True)
-    c = sub.add_parser("compare", help="probe this machine too and write benchmarks/results/aarch64.json")
+    c = sub.add_parser("compare", help="probe this machine too and write benchmarks/results/aarch64.json "
+                                       "(aarch64_pi5.json for a PI=5 build)")
     c.add_argument("--aarch64", type=Path, required=True, help="the probe written inside the arm64 root")
     c.add_argument("--x86", type=Path, help="an x86 probe already made (default: run it now)")
     c.add_argument("--build", type=Path, help="the cross build's record (from scripts/aarch64-check.sh)")
@@ -220,7 +221,9 @@ def main() -> None:
                   err(m["x86"]["planner_error"]), err(m["aarch64"]["planner_error"])] for m in cmp["memory"]],
                 ["stack", "ctx", "x86 peak MB", "aarch64 peak MB", "aarch64/x86", "above baseline",
                  "plan err x86", "plan err aarch64"]))
-    path = write_result("aarch64", {"build": build, "aarch64": arm, "x86": x86, "comparison": cmp})
+    # the Pi 4 build (armv8-a, what every Pi runs) keeps the original name; a PI=5 run its own file
+    name = "aarch64" if not build or build.get("pi", 4) == 4 else f"aarch64_pi{build['pi']}"
+    path = write_result(name, {"build": build, "aarch64": arm, "x86": x86, "comparison": cmp})
     print(f"\nwrote {path}")
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and run edge-fslm on aarch64 without a Pi: an arm64 Debian root under qemu-user, with
-# llama.cpp cross-compiled for the Pi's CPU. Writes benchmarks/results/aarch64.json, which
+# llama.cpp cross-compiled for the Pi's CPU. Writes benchmarks/results/aarch64.json (aarch64_pi5.json with PI=5), which
 # compares the answers and the memory with this x86 machine.
 #
 #   sudo scripts/aarch64-check.sh              # Pi 4 / Pi 3 / Zero 2 W build (armv8-a, NEON)
