@@ -27,7 +27,8 @@ Events go back to the asking coroutine through ``loop.call_soon_threadsafe``. A 
 client went away is flagged; its run stops at the next token (alone), or in a group its
 sequence leaves its slot before the next decode step (``generate_group``'s ``dropped``: its KV
 stream is cleared and the slot goes to the next prompt of the stage), and it runs no later
-stage. The others' tokens do not change, and the worker moves on.
+stage. The others' tokens stay what they were wherever grouped decoding is exact (the built-in
+Q4_1 stacks), and the worker moves on.
 """
 
 from __future__ import annotations
