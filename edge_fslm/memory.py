@@ -299,18 +299,6 @@ def plan_residency(
     """
     sizes = sorted((f.total for f in units.values()), reverse=True)
     n = len(sizes)
-    prompt = PROMPT_BYTES_PER_TOKEN * ctx_size
-    extra: dict[str, int] = {}  # beyond the models: the prompt, and what evicted models leave
-    if shared and n == 1:
-        extra["shared-base"] = prompt
-    else:
-        extra["all"] = prompt
-        for k in range(n - 1, 1, -1):
-            extra[f"lru:{k}"] = prompt + (n - k) * EVICTED_MODEL_BYTES
-        extra["sequential"] = prompt + (n - 1) * EVICTED_MODEL_BYTES
-    resident = {"shared-base": 1, "all": n, "sequential": 1}
-    peaks = {k: baseline + sum(sizes[:resident.get(k) or int(k.split(":")[1])]) + e for k, e in extra.items()}
-    cheapest = min(peaks.items(), key=lambda kv: kv[1])
 
     def resident_of(name: str) -> int | None:
         if name in ("all", "shared-base"):
@@ -318,6 +306,13 @@ def plan_residency(
         if name == "sequential":
             return 1
         return int(name.split(":")[1])
+
+    # best first: all/shared-base, lru:n-1 … lru:2, sequential
+    names = ["shared-base"] if shared and n == 1 else ["all", *(f"lru:{k}" for k in range(n - 1, 1, -1)), "sequential"]
+    # beyond the models: the prompt, and what each model not resident at the peak may have left
+    extra = {k: PROMPT_BYTES_PER_TOKEN * ctx_size + (n - (resident_of(k) or n)) * EVICTED_MODEL_BYTES for k in names}
+    peaks = {k: baseline + sum(sizes[:resident_of(k) or n]) + extra[k] for k in names}
+    cheapest = min(peaks.items(), key=lambda kv: kv[1])
 
     if policy != "auto":
         wanted = {"shared-base": "shared-base" if "shared-base" in peaks else "all"}.get(policy, policy)
