@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from common import RESULTS, table, write_result
 from fslm_quality import SYSTEMS, answer_only_manifest, paired
+from quant_arc import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = RESULTS / "fslm_quality"
@@ -31,16 +31,10 @@ ROWS = ("single", "answer-only", "fine-tuned")
 def report(system: str, data: Path, limit: int, folder: Path, threads: int | None) -> dict:
     """``eval arc`` for one row, or the report a previous run left in ``folder``."""
     out = folder / f"{system}.json"
-    if not out.is_file():
-        cmd = [sys.executable, "-m", "edge_fslm.cli", "eval", "arc", *SYSTEMS[system], "--data", str(data),
-               "--limit", str(limit), "-o", str(out), "--json"]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        print(f"… {system}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    if out.is_file():
+        return json.loads(out.read_text())
+    print(f"… {system}", file=sys.stderr, flush=True)
+    return evaluate([*SYSTEMS[system], "--limit", str(limit)], data, out, threads)
 
 
 def main() -> None:
